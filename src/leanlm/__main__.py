@@ -1,0 +1,5 @@
+import sys
+
+from leanlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""What every attention kind implements, and the padding/causal mask helper they share."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from leanlm.cache import LeanCache
+    from leanlm.config import LeanLMConfig
+
+
+class Attention(nn.Module):
+    """Base class of an attention kind. Subclasses register themselves with `@register_attention("name")`.
+
+    `forward(x, position_ids, cache, attention_mask)`:
+      x              [B, T, C]  hidden states of the new tokens
+      position_ids   [B, T]     absolute positions of the new tokens
+      cache          LeanCache or None; the layer keeps its own state in `cache.state(layer_idx, ...)`
+      attention_mask [B, S]     1 for real tokens and 0 for padding over all S = past + T tokens, or None
+    returns [B, T, C].
+    """
+
+    def __init__(self, config: "LeanLMConfig", layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+
+    @classmethod
+    def check_config(cls, config: "LeanLMConfig", layer_idx: int) -> None:
+        """Raise `ConfigError` if `config` cannot work for this kind at `layer_idx`."""
+
+    @classmethod
+    def cache_bytes_per_token(cls, config: "LeanLMConfig", layer_idx: int, dtype_bytes: int = 2) -> float:
+        """Cache bytes per token of context held by one layer of this kind (averaged, for kinds with fixed state)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: "LeanCache | None",
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def causal_padding_mask(attention_mask: torch.Tensor | None, t: int, s: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, t, s] (True = attend) for t new queries over s keys, the last t of which are new.
+
+    Returns None when plain causal attention suffices without padding (the caller then uses `is_causal`, or no
+    mask when t == 1). Every query may always attend to itself, so rows of left-padding never become all-masked
+    (which would produce NaN in softmax); their outputs are never used.
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and (t == 1 or t == s):
+        return None
+    past = s - t
+    q_pos = torch.arange(past, s, device=device)[:, None]  # [t, 1]
+    k_pos = torch.arange(s, device=device)[None, :]  # [1, s]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, t, s]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -s:].bool()
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask

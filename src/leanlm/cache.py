@@ -1,0 +1,115 @@
+"""The KV-cache interface shared by every attention kind.
+
+A `LeanCache` holds one state object per layer. Each attention kind decides what its state is (full keys and values
+for GQA; compressed latents for MLA/GLA; ring buffers and compressed blocks for NSA/ASA) and creates it lazily on
+its first call, so layers of different kinds mix freely in one model. Every state implements `LayerState`:
+its length, how to drop trailing tokens (speculative decoding rolls back rejected drafts), how to keep a subset of
+the batch rows, and how many bytes it holds (for cache accounting).
+
+`LeanCache` is deliberately not a `transformers.Cache`: that class assumes one key and one value tensor per layer,
+which latent and sparse attention do not have. `generate()` only needs `get_seq_length()` from it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, TypeVar
+
+import torch
+
+
+class LayerState(Protocol):
+    """What every per-layer cache state provides."""
+
+    def seq_length(self) -> int: ...
+
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` tokens."""
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder) the batch rows given by `index` [B']."""
+
+    def nbytes(self) -> int: ...
+
+
+S = TypeVar("S", bound=LayerState)
+
+
+class GrowingBuffer:
+    """A [B, H, T, D] tensor that grows along T with amortised O(1) appends (capacity doubling)."""
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Append `x` [B, H, t, D]; return a view of everything stored so far [B, H, T, D]."""
+        t = x.shape[2]
+        if self.data is None:
+            cap = max(16, t)
+            self.data = x.new_empty(x.shape[0], x.shape[1], cap, x.shape[3])
+        elif self.length + t > self.data.shape[2]:
+            cap = max(2 * self.data.shape[2], self.length + t)
+            grown = self.data.new_empty(self.data.shape[0], self.data.shape[1], cap, self.data.shape[3])
+            grown[:, :, : self.length] = self.data[:, :, : self.length]
+            self.data = grown
+        self.data[:, :, self.length : self.length + t] = x
+        self.length += t
+        return self.data[:, :, : self.length]
+
+    def view(self) -> torch.Tensor | None:
+        return None if self.data is None else self.data[:, :, : self.length]
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.data is not None:
+            self.data = self.data.index_select(0, index.to(self.data.device))
+
+    def nbytes(self) -> int:
+        if self.data is None:
+            return 0
+        d = self.data
+        return d.shape[0] * d.shape[1] * self.length * d.shape[3] * d.element_size()
+
+
+class LeanCache:
+    """Per-layer decoding state for a leanlm model; created by the model on the first forward with `use_cache`."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers: list[LayerState | None] = [None] * num_layers
+        self._is_user_defined = False
+
+    def state(self, layer_idx: int, factory: Callable[[], S]) -> S:
+        """The state of layer `layer_idx`, created with `factory()` on first use."""
+        st = self.layers[layer_idx]
+        if st is None:
+            st = factory()
+            self.layers[layer_idx] = st
+        return st  # type: ignore[return-value]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        st = self.layers[layer_idx]
+        return 0 if st is None else st.seq_length()
+
+    def crop(self, length: int) -> None:
+        """Drop every token at position >= `length` (used to roll back rejected speculative tokens)."""
+        for st in self.layers:
+            if st is not None:
+                st.crop(length)
+
+    def select(self, index: torch.Tensor) -> None:
+        for st in self.layers:
+            if st is not None:
+                st.select(index)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam-search hook used by `generate()`."""
+        self.select(beam_idx)
+
+    def nbytes(self) -> int:
+        """Bytes held by all layer states."""
+        return sum(st.nbytes() for st in self.layers if st is not None)
+
+    def __len__(self) -> int:
+        return len(self.layers)

@@ -1,0 +1,173 @@
+"""The `leanlm` command: one subcommand per job.
+
+    leanlm train CONFIG [--set section.key=value ...]
+    leanlm eval CHECKPOINT [--batches N]
+    leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+    leanlm demo [--out DIR --steps N]
+
+Bad input (config values, checkpoints, corpora) is reported as one line naming the field and the fix, with exit
+status 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from leanlm.errors import LeanLMError
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_model_and_tokenizer(path: str, device: str = "cpu"):
+    """A leanlm checkpoint or any local Hugging Face causal-LM folder, with its tokenizer (offline only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import leanlm.model  # noqa: F401  (registers the leanlm model type with the Auto classes)
+    from leanlm.checkpoint import check_checkpoint
+
+    check_checkpoint(Path(path), need_trainer_state=False)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from leanlm.runconfig import load_run_config
+    from leanlm.train import Trainer
+
+    run = load_run_config(args.config, args.set)
+    trainer = Trainer(run)
+    try:
+        metrics = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        print(f"final: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  "
+              f"checkpoint {trainer.ckpt_dir / f'step-{trainer.step:08d}'}")
+    return 0
+
+
+def validation_perplexity(model, run_config: dict, batches: int, batch_size: int = 8) -> dict[str, float]:
+    """Validation loss/perplexity of `model` on the validation split of the data section in `run_config`."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from leanlm.data import DataConfig, TokenWindows, prepare_data
+
+    data_cfg = DataConfig(**run_config["data"])
+    data = prepare_data(data_cfg, model.config.vocab_size)
+    windows = TokenWindows(data.val, data_cfg.seq_len)
+    n = min(len(windows), batches * batch_size)
+    picks = np.linspace(0, len(windows) - 1, n).round().astype(np.int64)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            batch = windows.batch(picks[i : i + batch_size]).to(model.device)
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                   reduction="sum")
+            total += float(loss)
+            count += batch[:, 1:].numel()
+    return {"val_loss": total / count, "val_ppl": math.exp(total / count), "tokens": count}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    model, _ = load_model_and_tokenizer(str(path))
+    run_file = path / "run_config.json"
+    if not run_file.exists():
+        raise LeanLMError(f"{path} has no run_config.json, so its validation split is unknown. Fix: pass a "
+                          f"checkpoint written by `leanlm train`")
+    metrics = validation_perplexity(model, json.loads(run_file.read_text()), args.batches)
+    print(json.dumps(metrics))
+    return 0
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+                  seed: int, stream: bool = True) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    torch.manual_seed(seed)
+    enc = tokenizer(prompt, return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
+    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "streamer": streamer,
+              "pad_token_id": tokenizer.eos_token_id}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=top_k or None)
+    out = model.generate(enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device),
+                         **kwargs)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens <= 0:
+        raise LeanLMError("--max-new-tokens must be > 0. Fix: e.g. --max-new-tokens 100")
+    if args.temperature < 0:
+        raise LeanLMError("--temperature must be >= 0 (0 = greedy). Fix: e.g. --temperature 0.8")
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from leanlm.demo import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leanlm", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config", help="YAML path or shipped config name (tiny, small, 125m, 350m)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation perplexity of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--batches", type=int, default=50, help="batches of 8 sequences (default 50)")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the guided tour: train, evaluate and sample a tiny model on 2 CPU cores")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the tiny config's)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LeanLMError as exc:
+        print(f"leanlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

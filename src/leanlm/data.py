@@ -1,0 +1,221 @@
+"""Tokenized, packed, memory-mapped training data.
+
+`prepare_data(cfg)` turns a corpus (see `leanlm.corpus`) into two flat token files under
+`.cache/data/<key>/` (`train.bin`, `val.bin`, with an end-of-text token after every document), plus the tokenizer
+(`tokenizer.json` etc., loadable with `AutoTokenizer.from_pretrained`). The split is by document: a document's
+name decides, by a stable hash, whether all of it is validation text, so no document straddles the split.
+The tokenizer is either a byte-level BPE trained here with the `tokenizers` library on the training documents
+(`data.tokenizer: bpe`, vocabulary size = the model's `vocab_size`) or any pretrained tokenizer directory.
+The cache key covers everything that changes the result, so a changed corpus or setting builds a new cache;
+files are written to a temporary folder and renamed into place, so an interrupted build leaves nothing behind.
+
+Training reads fixed-length windows of `seq_len + 1` tokens (`TokenWindows`), in an order given by
+`SampleOrder`: a seeded permutation per epoch, addressed by a global sample counter, which is all that a
+checkpoint has to store to resume the data stream exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leanlm.corpus import Document, cache_root, load_documents
+from leanlm.errors import ConfigError, DataError
+
+EOT = "<|endoftext|>"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """The `data:` section of a run config."""
+
+    source: str = "bundled"  # bundled corpora, their names, or paths (comma-separated); see leanlm.corpus
+    text_field: str = "text"  # field of a .jsonl source holding the text
+    tokenizer: str = "bpe"  # "bpe" (trained here) or a local pretrained tokenizer directory
+    seq_len: int = 256
+    val_fraction: float = 0.05
+
+    def check(self) -> None:
+        if self.seq_len <= 0:
+            raise ConfigError("data.seq_len", f"must be > 0, got {self.seq_len}", "use e.g. 256")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError("data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}", "use e.g. 0.05")
+
+
+@dataclass
+class PreparedData:
+    dir: Path
+    train: np.ndarray  # flat token ids (memory-mapped)
+    val: np.ndarray
+    tokenizer: "object"  # transformers.PreTrainedTokenizerFast
+    meta: dict
+
+
+def is_validation(doc_name: str, val_fraction: float) -> bool:
+    """Stable document-level split: a document is validation text iff its name hashes below `val_fraction`."""
+    return (zlib.crc32(doc_name.encode("utf-8")) % 10_000) < val_fraction * 10_000
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    train = [d for d in docs if not is_validation(d.name, val_fraction)]
+    val = [d for d in docs if is_validation(d.name, val_fraction)]
+    if not val:  # tiny corpora: hold out the last document
+        train, val = train[:-1], train[-1:]
+    if not train:
+        raise DataError("the corpus has a single document, so nothing is left to train on after holding out "
+                        "validation text. Fix: add documents (one per .txt file or .jsonl line)")
+    return train, val
+
+
+def _source_fingerprint(source: str) -> list:
+    parts = []
+    for part in (p.strip() for p in source.split(",")):
+        path = Path(part).expanduser()
+        if path.exists():
+            files = sorted(path.rglob("*")) if path.is_dir() else [path]
+            parts.append([str(path.resolve())] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns]
+                                                   for f in files if f.is_file()])
+        else:
+            parts.append(part)
+    return parts
+
+
+def train_bpe(docs: list[Document], vocab_size: int):
+    """A byte-level BPE with `EOT` as id 0, trained on `docs`; returned as a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d.text for d in docs), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=None,
+                                   pad_token=EOT, clean_up_tokenization_spaces=False)
+
+
+def load_pretrained_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is a config problem for the user
+        raise ConfigError("data.tokenizer", f"cannot load a tokenizer from {path!r} ({exc})",
+                          "use 'bpe' or a local directory holding tokenizer.json") from exc
+
+
+def _write_tokens(path: Path, docs: list[Document], tokenizer, dtype) -> int:
+    eos = tokenizer.eos_token_id
+    total = 0
+    with open(path, "wb") as f:
+        for start in range(0, len(docs), 64):
+            batch = [d.text for d in docs[start : start + 64]]
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                arr = np.asarray(ids + [eos], dtype=dtype)
+                f.write(arr.tobytes())
+                total += arr.size
+    return total
+
+
+def prepare_data(cfg: DataConfig, vocab_size: int) -> PreparedData:
+    """Build (or reuse) the token cache for `cfg`; `vocab_size` is the model's."""
+    cfg.check()
+    key_src = {"version": FORMAT_VERSION, "source": _source_fingerprint(cfg.source), "text_field": cfg.text_field,
+               "tokenizer": cfg.tokenizer if cfg.tokenizer == "bpe" else str(Path(cfg.tokenizer).resolve()),
+               "vocab_size": vocab_size if cfg.tokenizer == "bpe" else None, "val_fraction": cfg.val_fraction}
+    key = hashlib.sha1(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    out = cache_root() / "data" / key
+    if not (out / "meta.json").exists():
+        _build(cfg, vocab_size, out, key_src)
+    meta = json.loads((out / "meta.json").read_text())
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    dtype = np.dtype(meta["dtype"])
+    train = np.memmap(out / "train.bin", dtype=dtype, mode="r")
+    val = np.memmap(out / "val.bin", dtype=dtype, mode="r")
+    if len(tokenizer) > vocab_size:
+        raise ConfigError("vocab_size", f"the tokenizer has {len(tokenizer)} tokens but the model only "
+                          f"{vocab_size}", f"set model.vocab_size to at least {len(tokenizer)}")
+    for name, arr in (("training", train), ("validation", val)):
+        if arr.size < cfg.seq_len + 1:
+            raise DataError(f"the {name} split has {arr.size} tokens, fewer than one sequence of data.seq_len + 1 = "
+                            f"{cfg.seq_len + 1}. Fix: lower data.seq_len or add text")
+    return PreparedData(out, train, val, tokenizer, meta)
+
+
+def _build(cfg: DataConfig, vocab_size: int, out: Path, key_src: dict) -> None:
+    docs = load_documents(cfg.source, cfg.text_field)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+    tokenizer = train_bpe(train_docs, vocab_size) if cfg.tokenizer == "bpe" else load_pretrained_tokenizer(cfg.tokenizer)
+    dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        n_train = _write_tokens(tmp / "train.bin", train_docs, tokenizer, dtype)
+        n_val = _write_tokens(tmp / "val.bin", val_docs, tokenizer, dtype)
+        meta = {**key_src, "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
+                "train_docs": len(train_docs), "val_docs": len(val_docs),
+                "val_doc_names": [d.name for d in val_docs], "vocab": len(tokenizer),
+                "data_config": asdict(cfg)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process built the same cache meanwhile
+            if not (out / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class TokenWindows:
+    """Non-overlapping windows of `seq_len + 1` tokens over a flat token array: item i is tokens[i*L : i*L+L+1]."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (tokens.size - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: list[int] | np.ndarray) -> torch.Tensor:
+        """Windows `indices` stacked as int64 [len(indices), seq_len + 1]."""
+        L = self.seq_len
+        rows = [np.asarray(self.tokens[i * L : i * L + L + 1], dtype=np.int64) for i in indices]
+        return torch.from_numpy(np.stack(rows))
+
+
+class SampleOrder:
+    """Deterministic infinite stream of window indices: epoch e is a permutation seeded by (seed, e).
+
+    `indices(start, count)` gives samples start .. start+count-1 of the stream, so a resumed run continues exactly
+    where it stopped given only the global sample counter.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    def _epoch(self, e: int) -> np.ndarray:
+        if e != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, e]).permutation(self.n)
+            self._perm_epoch = e
+        return self._perm
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for j in range(count):
+            k = start + j
+            out[j] = self._epoch(k // self.n)[k % self.n]
+        return out
