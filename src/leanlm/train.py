@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from leanlm.checkpoint import (atomic_write_text, check_checkpoint, latest_checkpoint, load_trainer_state,
-                               save_checkpoint)
+                               remove_stale_temporaries, save_checkpoint)
 from leanlm.data import DataConfig, PreparedData, SampleOrder, TokenWindows, prepare_data
 from leanlm.errors import CheckpointError, ConfigError
 from leanlm.model import LeanLMForCausalLM
@@ -341,6 +341,9 @@ class Trainer:
                      "callbacks": [cb.state_dict() for cb in self.callbacks], "world_size": self.world}
 
             def write(tmp: Path) -> None:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
                 self.raw_model.save_pretrained(str(tmp), state_dict=model_sd)
                 self.data.tokenizer.save_pretrained(str(tmp))
                 torch.save(state, tmp / "trainer_state.pt")
@@ -409,6 +412,7 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "run_config.json", json.dumps(self.run.to_dict(), indent=1))
+            remove_stale_temporaries(self.ckpt_dir)
         if self.resume_from is not None:
             self.resume(self.resume_from)
         elif self.rank == 0 and self.metrics_path.exists():

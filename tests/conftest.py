@@ -1,0 +1,63 @@
+"""Shared fixtures: a small synthetic English-like corpus and a tiny run config, so tests run in seconds."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("LEANLM_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the king queen lord good night day sword crown love death heart fair sweet noble brother father "
+         "mother son daughter speak come go hence thou thee thy art hath doth shall will not what why where "
+         "when now here there upon with from into under over before after battle peace honour gold silver "
+         "field castle gate wind storm sea river mountain bread wine fire light dark old young true false").split()
+
+
+def make_corpus(root: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        paras = []
+        for _ in range(rng.randint(3, 6)):
+            sents = []
+            for _ in range(rng.randint(2, 5)):
+                words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+                sents.append(" ".join(words).capitalize() + rng.choice(".!?"))
+            paras.append(" ".join(sents))
+        (root / f"doc{d:03d}.txt").write_text("\n\n".join(paras) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny_raw_config(corpus: Path, out_dir: Path, **train) -> dict:
+    """A nested run-config dict for a 2-layer model that trains in a second or two."""
+    t = {"out_dir": str(out_dir), "max_steps": 12, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+         "eval_every": 6, "eval_batches": 2, "ckpt_every": 4, "log_every": 1, "progress": False,
+         "keep_checkpoints": 10}
+    t.update(train)
+    return {
+        "model": {"vocab_size": 384, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 256},
+        "data": {"source": str(corpus), "seq_len": 32, "val_fraction": 0.1},
+        "train": t,
+    }
+
+
+@pytest.fixture
+def tiny_config(corpus_dir, tmp_path):
+    def make(**train):
+        out = train.pop("out_dir", tmp_path / "run")
+        return tiny_raw_config(corpus_dir, out, **train)
+
+    return make
