@@ -124,3 +124,14 @@ def test_hidden_states_and_gradient_flow():
     assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 10, 64)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+def test_same_logits_as_transformers_llama(kv):
+    from leanlm.interop import to_llama
+
+    model = small_model(num_attention_heads=4, num_key_value_heads=kv, tie_word_embeddings=kv != 2)
+    twin = to_llama(model).eval()
+    x = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, twin(x).logits, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from leanlm.attention import ATTENTION_REGISTRY
 from leanlm.cache import LeanCache
 from leanlm.config import LeanLMConfig
+from leanlm.rope import Positions
 
 
 class RMSNorm(nn.Module):
@@ -51,9 +52,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: LeanCache | None,
+    def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, cache, attention_mask)
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, attention_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -116,12 +117,13 @@ class LeanLMModel(LeanLMPreTrainedModel):
                 position_ids = pos[:, -t:]
             else:
                 position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
+        positions = Positions(position_ids)
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, x, position_ids, None, attention_mask)
+                x = self._gradient_checkpointing_func(layer.__call__, x, positions, None, attention_mask)
             else:
-                x = layer(x, position_ids, cache, attention_mask)
+                x = layer(x, positions, cache, attention_mask)
             if hidden_states is not None:
                 hidden_states.append(x)
         x = self.norm(x)

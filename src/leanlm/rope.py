@@ -27,3 +27,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate `x` [B, H, T, D] by the tables `cos`, `sin` [B, T, D]."""
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
     return x * cos + rotate_half(x) * sin
+
+
+class Positions:
+    """Absolute positions of the tokens of one forward pass, with their RoPE tables computed once per
+    (dim, theta, dtype) and shared by every layer that asks (layers of different kinds may rotate different dims)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids  # [B, T]
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dim, theta, dtype)
+        if key not in self._tables:
+            self._tables[key] = rope_cos_sin(self.ids, dim, theta, dtype)
+        return self._tables[key]

@@ -10,14 +10,16 @@ from torch import nn
 if TYPE_CHECKING:
     from leanlm.cache import LeanCache
     from leanlm.config import LeanLMConfig
+    from leanlm.rope import Positions
 
 
 class Attention(nn.Module):
     """Base class of an attention kind. Subclasses register themselves with `@register_attention("name")`.
 
-    `forward(x, position_ids, cache, attention_mask)`:
+    `forward(x, positions, cache, attention_mask)`:
       x              [B, T, C]  hidden states of the new tokens
-      position_ids   [B, T]     absolute positions of the new tokens
+      positions      leanlm.rope.Positions: `.ids` [B, T] absolute positions of the new tokens, and
+                     `.cos_sin(dim, theta, dtype)` RoPE tables shared across layers
       cache          LeanCache or None; the layer keeps its own state in `cache.state(layer_idx, ...)`
       attention_mask [B, S]     1 for real tokens and 0 for padding over all S = past + T tokens, or None
     returns [B, T, C].
@@ -37,7 +39,7 @@ class Attention(nn.Module):
         """Cache bytes per token of context held by one layer of this kind (averaged, for kinds with fixed state)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: "LeanCache | None",
+    def forward(self, x: torch.Tensor, positions: "Positions", cache: "LeanCache | None",
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 

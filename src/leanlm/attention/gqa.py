@@ -10,7 +10,7 @@ from torch import nn
 from leanlm.attention.base import Attention, causal_padding_mask
 from leanlm.attention.registry import register_attention
 from leanlm.cache import GrowingBuffer, LeanCache
-from leanlm.rope import apply_rope, rope_cos_sin
+from leanlm.rope import Positions, apply_rope
 
 
 class KVState:
@@ -57,13 +57,13 @@ class GroupedQueryAttention(Attention):
     def cache_bytes_per_token(cls, config, layer_idx: int, dtype_bytes: int = 2) -> float:
         return 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: LeanCache | None,
+    def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.config.rope_theta, q.dtype)
+        cos, sin = positions.cos_sin(self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.state(self.layer_idx, KVState).append(k, v)  # [B, Hkv, S, D]

@@ -1,0 +1,60 @@
+"""The command line: train / eval / generate end to end, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from leanlm.cli import main
+
+
+def write_cfg(tmp_path, raw) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_train_eval_generate(tiny_config, tmp_path, capsys):
+    raw = tiny_config(max_steps=8, ckpt_every=8, eval_every=8)
+    cfg = write_cfg(tmp_path, raw)
+    assert main(["train", cfg, "--set", "train.lr=2e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "final: val_loss" in out
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000008"
+    saved = json.loads((ckpt / "run_config.json").read_text())
+    assert saved["train"]["lr"] == 2e-3
+
+    assert main(["eval", str(ckpt), "--batches", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["val_ppl"] > 1 and metrics["tokens"] > 0
+
+    assert main(["generate", str(ckpt), "--prompt", "The king", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The king") and len(text) > len("The king")
+
+
+def test_bad_set_key_fails_before_any_work(tiny_config, tmp_path, capsys):
+    raw = tiny_config()
+    cfg = write_cfg(tmp_path, raw)
+    assert main(["train", cfg, "--set", "train.learning_rate=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rate" in err and "Fix:" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_values_fail_with_one_line(tiny_config, tmp_path, capsys):
+    raw = tiny_config()
+    raw["model"]["num_key_value_heads"] = 3
+    assert main(["train", write_cfg(tmp_path, raw)]) == 2
+    err = capsys.readouterr().err
+    assert "num_key_value_heads" in err and err.count("\n") == 1
+    assert main(["train", "no-such-config"]) == 2
+    assert "CONFIG" in capsys.readouterr().err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "incomplete" in capsys.readouterr().err
