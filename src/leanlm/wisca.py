@@ -217,6 +217,8 @@ def find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[FFNSite], li
     sites, ffns, unsupported = [], [], []
     claimed: set[int] = set()
     for name, module in model.named_modules():
+        if id(module) in claimed:  # inside a site already found (or sharing its projections)
+            continue
         children = dict(module.named_children())
         found = None
         for names in _NAME_SETS:
