@@ -58,3 +58,28 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "incomplete" in capsys.readouterr().err
+
+
+def test_wisca_command_transforms_a_checkpoint(tiny_config, tmp_path, capsys):
+    import torch
+
+    from leanlm.cli import load_model_and_tokenizer
+
+    raw = tiny_config(max_steps=4, ckpt_every=4, eval_every=4)
+    assert main(["train", write_cfg(tmp_path, raw)]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
+    out = tmp_path / "balanced"
+    capsys.readouterr()
+    assert main(["wisca", str(ckpt), str(out), "--qk", "channel"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.0.self_attn" in printed and "after" in printed
+    a, _ = load_model_and_tokenizer(str(ckpt))
+    b, tok = load_model_and_tokenizer(str(out))
+    x = torch.randint(0, 384, (2, 16))
+    with torch.no_grad():
+        la, lb = a(x).logits, b(x).logits
+    assert float((la - lb).abs().max() / la.abs().max()) < 1e-5
+    assert not torch.equal(a.model.layers[0].self_attn.k_proj.weight, b.model.layers[0].self_attn.k_proj.weight)
+    assert main(["wisca", str(ckpt), str(out)]) == 2  # refuses to overwrite
+    assert main(["wisca", str(ckpt), str(tmp_path / "x"), "--qk", "rows"]) == 2
+    assert "wisca.qk" in capsys.readouterr().err

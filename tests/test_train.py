@@ -69,10 +69,13 @@ def test_grad_accumulation_matches_bigger_batch(tiny_config, tmp_path):
         assert la[s] == pytest.approx(lb[s], rel=1e-5)
 
 
-@pytest.mark.parametrize("fault", ["step:7", "checkpoint:8"])
-def test_sigkill_and_resume_gives_identical_losses(tiny_config, tmp_path, fault):
+@pytest.mark.parametrize("fault, wisca", [("step:7", None), ("checkpoint:8", None), ("step:7", {"every": 3})],
+                         ids=["mid-step", "mid-checkpoint", "mid-step-with-wisca"])
+def test_sigkill_and_resume_gives_identical_losses(tiny_config, tmp_path, fault, wisca):
     ref_raw = tiny_config(out_dir=str(tmp_path / "ref"))
     killed_raw = tiny_config(out_dir=str(tmp_path / "killed"))
+    if wisca:
+        ref_raw["wisca"] = killed_raw["wisca"] = wisca
     ref = run_cli(ref_raw, tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
     # Killed mid-step (after backward, before the optimizer step) or mid-checkpoint (before the rename).

@@ -222,3 +222,82 @@ def test_optimizer_state_modes(mode):
     else:
         torch.testing.assert_close(opt.state[q]["exp_avg"], m_before / s, rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(opt.state[q]["exp_avg_sq"], v_before / s**2, rtol=1e-5, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def test_training_callback_schedule_and_invariance(tiny_config):
+    from leanlm.runconfig import build_run_config
+    from leanlm.train import Callback, Trainer
+
+    class Probe(Callback):  # records validation loss at every 4th step end
+        def __init__(self):
+            self.loss = {}
+
+        def on_step_end(self, trainer, step):
+            if step % 4 == 0:
+                self.loss[step] = trainer.evaluate()["val_loss"]
+
+    raw = tiny_config(max_steps=9, ckpt_every=0, eval_every=0)
+    raw["wisca"] = {"every": 4}
+    before, after = Probe(), Probe()
+    trainer = Trainer(build_run_config(raw), callbacks=[before])
+    wisca_cb = trainer.callbacks[-1]
+    trainer.callbacks.append(after)  # runs after WISCA's transition
+    trainer.fit()
+    assert [r["step"] for r in wisca_cb.log] == [0, 4, 8]
+    assert [r["step"] for r in trainer.history if "wisca_seconds" in r] == [0, 4, 8]
+    assert sorted(before.loss) == sorted(after.loss) == [4, 8]
+    for step in (4, 8):  # the transition did not change the function
+        assert after.loss[step] == pytest.approx(before.loss[step], rel=1e-6)
+    attn = trainer.model.model.layers[0].self_attn
+    ratio = float(attn.q_proj.weight.abs().sum() / attn.k_proj.weight.abs().sum())
+    assert 0.8 < ratio < 1.25  # balanced at step 8, one optimizer step ago
+
+
+def test_transition_inside_training_preserves_validation_loss(tiny_config):
+    from leanlm.runconfig import build_run_config
+    from leanlm.train import Trainer
+
+    trainer = Trainer(build_run_config(tiny_config(max_steps=6, ckpt_every=0, eval_every=0)))
+    trainer.fit()
+    before = trainer.evaluate()["val_loss"]
+    wisca_transform(trainer.model, WiscaConfig(), optimizer=trainer.optimizer)
+    assert trainer.evaluate()["val_loss"] == pytest.approx(before, rel=1e-6)
+
+
+def test_lr_control_sets_per_tensor_learning_rates(tiny_config):
+    from leanlm.runconfig import build_run_config
+    from leanlm.train import Trainer
+
+    raw = tiny_config(max_steps=2, ckpt_every=0, eval_every=0, warmup_steps=0)
+    raw["wisca"] = {"every": 100, "apply": "lr"}
+    trainer = Trainer(build_run_config(raw))
+    q_before = trainer.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    trainer.callbacks[-1].on_train_start(trainer)
+    attn = trainer.model.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.weight, q_before)  # weights untouched
+    lrs = {id(g["params"][0]): g["lr"] for g in trainer.optimizer.param_groups if len(g["params"]) == 1}
+    s = (attn.k_proj.weight.abs().sum() / attn.q_proj.weight.abs().sum()).sqrt().item()
+    assert lrs[id(attn.q_proj.weight)] == pytest.approx(trainer.cfg.lr / s, rel=1e-6)
+    assert lrs[id(attn.k_proj.weight)] == pytest.approx(trainer.cfg.lr * s, rel=1e-6)
+
+
+def test_wisca_with_fsdp_is_refused(tiny_config):
+    from leanlm import ConfigError
+    from leanlm.runconfig import build_run_config
+    from leanlm.train import Trainer
+
+    raw = tiny_config(fsdp=True)
+    raw["wisca"] = {"every": 10}
+    with pytest.raises(ConfigError, match="DDP"):
+        Trainer(build_run_config(raw))
+
+
+def test_bad_wisca_values():
+    from leanlm import ConfigError
+
+    for kw, field in ((dict(qk="row"), "wisca.qk"), (dict(norm="linf"), "wisca.norm"), (dict(every=-1), "wisca.every"),
+                      (dict(optimizer_state="zero"), "wisca.optimizer_state")):
+        with pytest.raises(ConfigError) as err:
+            WiscaConfig(**kw).check()
+        assert err.value.field == field

@@ -3,6 +3,7 @@
     leanlm train CONFIG [--set section.key=value ...]
     leanlm eval CHECKPOINT [--batches N]
     leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+    leanlm wisca CHECKPOINT OUT [--qk tensor --vo tensor --norm l1 --ffn]
     leanlm demo [--out DIR --steps N]
 
 Bad input (config values, checkpoints, corpora) is reported as one line naming the field and the fix, with exit
@@ -121,6 +122,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wisca(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from leanlm.wisca import WiscaConfig, wisca_transform
+
+    cfg = WiscaConfig(qk=args.qk, vo=args.vo, norm=args.norm, ffn=args.ffn, rope_pairs=args.rope_pairs)
+    cfg.check()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+    report = wisca_transform(model, cfg)
+    print(report.table())
+    if not report.layers:
+        raise LeanLMError(f"no attention layer of {args.checkpoint} could be rescaled (see 'unsupported' above)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        for extra in ("run_config.json",):
+            if (Path(args.checkpoint) / extra).exists():
+                shutil.copy(Path(args.checkpoint) / extra, tmp / extra)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out} ({len(report.layers)} attention layers rescaled in {report.seconds * 1000:.1f} ms)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from leanlm.demo import run_demo
 
@@ -151,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("wisca", help="apply one WISCA transition to a saved model (leanlm or HF) and save it")
+    w.add_argument("checkpoint")
+    w.add_argument("out")
+    w.add_argument("--qk", default="tensor", help="tensor | group | channel | none")
+    w.add_argument("--vo", default="tensor", help="tensor | group | channel | none")
+    w.add_argument("--norm", default="l1", help="l1 | l2")
+    w.add_argument("--ffn", action="store_true", help="also balance SwiGLU up/down (extension beyond the paper)")
+    w.add_argument("--rope-pairs", default="half", help="half (HF rotate_half) | interleaved")
+    w.add_argument("--overwrite", action="store_true")
+    w.set_defaults(func=cmd_wisca)
 
     d = sub.add_parser("demo", help="the guided tour: train, evaluate and sample a tiny model on 2 CPU cores")
     d.add_argument("--out", default="runs/demo")

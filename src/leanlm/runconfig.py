@@ -93,6 +93,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 def build_run_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a nested dict (as read from YAML) into a RunConfig."""
     from leanlm import train as _train  # noqa: F401  (registers the train/data sections)
+    from leanlm import wisca as _wisca  # noqa: F401  (registers the wisca section)
 
     raw = dict(raw or {})
     unknown = set(raw) - {"model"} - set(SECTIONS)

@@ -117,6 +117,10 @@ class Callback:
 
     def on_train_end(self, trainer: "Trainer") -> None: ...
 
+    def isolated_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Parameters that need an optimizer param group of their own (e.g. for per-tensor learning rates)."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -131,16 +135,22 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or 1-D parameters)."""
-    decay, no_decay = [], []
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool,
+                    isolated: Iterable[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or 1-D parameters). Parameters in `isolated`
+    get a param group of their own (so a callback can give them their own learning rate)."""
+    decay, no_decay, own = [], [], []
+    alone = {id(p) for p in isolated}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(p) in alone:
+            own.append({"params": [p], "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0})
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}] + own
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
@@ -174,6 +184,14 @@ class Trainer:
         self.cfg: TrainConfig = run.train
         self.data_cfg: DataConfig = run.data
         self.callbacks = list(callbacks)
+        wisca_cfg = run.sections.get("wisca")
+        if wisca_cfg is not None and wisca_cfg.enabled:
+            from leanlm.wisca import WiscaCallback
+
+            if run.train.fsdp:
+                raise ConfigError("wisca", "WISCA rescales whole weight matrices in place, which FSDP shards",
+                                  "train with DDP (train.fsdp: false) when wisca is on")
+            self.callbacks.append(WiscaCallback(wisca_cfg))
         self.model_config = run.model_config()
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.rank = int(os.environ.get("RANK", "0"))
@@ -225,7 +243,8 @@ class Trainer:
         self.model = LeanLMForCausalLM(self.model_config).to(self.device)
         self.raw_model = self.model
         self.wrapped = self._wrap(self.model)
-        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type == "cuda")
+        isolated = [p for cb in self.callbacks for p in cb.isolated_params(self.model)]
+        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type == "cuda", isolated=isolated)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         self.step = 0
@@ -394,6 +413,7 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
