@@ -2,7 +2,8 @@
 
 Step by step it prints what each stage achieved:
   1. data      the bundled English corpus (Shakespeare, Milton, KJV, Brown), split by document, BPE-tokenized
-  2. train     the `tiny` config (~5M parameters) from scratch, with validation perplexity along the way
+  2. train     the `tiny` config (~5M parameters) from scratch with WISCA transitions (at step 0 and every 100
+               steps), with validation perplexity along the way
   3. evaluate  validation perplexity of the final checkpoint, reloaded from disk with `from_pretrained`
   4. generate  a sampled continuation from the trained model, with its KV cache
 
@@ -26,7 +27,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
     from leanlm.train import Trainer
 
     t0 = time.perf_counter()
-    overrides = [f"train.out_dir={out_dir}", "train.resume=never"]
+    overrides = [f"train.out_dir={out_dir}", "train.resume=never", "wisca.every=100"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     run = load_run_config("tiny", overrides)
@@ -39,7 +40,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
           f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens with a {m['vocab']}-token BPE "
           f"({time.perf_counter() - t:.1f}s, cached in {data.dir})")
 
-    _banner(2, "train: tiny GQA model from scratch")
+    _banner(2, "train: tiny GQA model from scratch, with WISCA weight rescaling")
     t = time.perf_counter()
     trainer = Trainer(run, data=data)
     n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -47,6 +48,11 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
           f"{trainer.tokens_per_step:,} tokens, AdamW + warm-up/cosine")
     first_val = trainer.evaluate()["val_ppl"]
     metrics = trainer.fit()
+    wisca_cb = trainer.callbacks[-1]
+    print(f"WISCA: {len(wisca_cb.log)} output-preserving transitions (steps "
+          f"{', '.join(str(r['step']) for r in wisca_cb.log)}), Q/K and V/O factors between "
+          f"{min(r['factor_min'] for r in wisca_cb.log):.2f} and {max(r['factor_max'] for r in wisca_cb.log):.2f}, "
+          f"{wisca_cb.seconds * 1000:.0f} ms in all")
     ckpt = trainer.ckpt_dir / f"step-{trainer.step:08d}"
     print(f"validation perplexity {first_val:,.0f} at init -> {metrics['val_ppl']:.1f} after training "
           f"({time.perf_counter() - t:.0f}s); loss curve {trainer.out_dir / 'loss.png'}")
