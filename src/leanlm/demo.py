@@ -59,7 +59,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
 
     _banner(3, "evaluate: reload the checkpoint and measure validation perplexity")
     model, tokenizer = load_model_and_tokenizer(str(ckpt))
-    ev = validation_perplexity(model, run.to_dict(), batches=10)
+    # The same 160 validation windows as the trainer's evaluation, so the reloaded model must match it.
+    ev = validation_perplexity(model, run.to_dict(), batches=2 * run.train.eval_batches)
     print(f"{ckpt}: validation perplexity {ev['val_ppl']:.1f} over {ev['tokens']:,} held-out tokens")
 
     _banner(4, "generate: sample a continuation")
