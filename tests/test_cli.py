@@ -83,3 +83,29 @@ def test_wisca_command_transforms_a_checkpoint(tiny_config, tmp_path, capsys):
     assert main(["wisca", str(ckpt), str(out)]) == 2  # refuses to overwrite
     assert main(["wisca", str(ckpt), str(tmp_path / "x"), "--qk", "rows"]) == 2
     assert "wisca.qk" in capsys.readouterr().err
+
+
+def test_bad_corpus_fails_before_any_work(tiny_config, tmp_path, capsys):
+    from leanlm.corpus import cache_root
+
+    bad = tmp_path / "latin1"
+    bad.mkdir()
+    (bad / "a.txt").write_bytes("na\xefve caf\xe9".encode("latin-1"))
+    raw = tiny_config()
+    raw["data"]["source"] = str(bad)
+    before = set((cache_root() / "data").glob("*"))
+    assert main(["train", write_cfg(tmp_path, raw)]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8" in err and "Fix:" in err
+    assert not (tmp_path / "run").exists()
+    assert set((cache_root() / "data").glob("*")) == before  # no half-built data cache left behind
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from leanlm.demo import run_demo
+
+    result = run_demo(out_dir=str(tmp_path / "demo"), steps=4)
+    out = capsys.readouterr().out
+    for step in ("[1] data", "[2] train", "[3] evaluate", "[4] generate", "WISCA: 1 output-preserving"):
+        assert step in out
+    assert 1 < result["val_ppl"] < 10_000 and result["sample"].startswith("KING HENRY.")
