@@ -1,7 +1,7 @@
 """The `leanlm` command: one subcommand per job.
 
     leanlm train CONFIG [--set section.key=value ...]
-    leanlm eval CHECKPOINT [--batches N]
+    leanlm eval CHECKPOINT [--batches N] [--tasks hellaswag,piqa,... --limit N --out FILE.json]
     leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
     leanlm wisca CHECKPOINT OUT [--qk tensor --vo tensor --norm l1 --ffn]
     leanlm demo [--out DIR --steps N]
@@ -85,6 +85,19 @@ def validation_perplexity(model, run_config: dict, batches: int, batch_size: int
 
 def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
+    if args.tasks:
+        from leanlm.evals.suite import markdown_table, parse_tasks, run_suite, write_results
+
+        tasks = parse_tasks(args.tasks)  # validate before loading anything
+        if args.limit is not None and args.limit <= 0:
+            raise LeanLMError("--limit must be > 0. Fix: e.g. --limit 200, or leave it out for full sets")
+        model, tokenizer = load_model_and_tokenizer(str(path))
+        results = run_suite(model, tokenizer, tasks, args.limit, batch_size=args.batch_size)
+        print(markdown_table(results))
+        if args.out:
+            write_results(results, Path(args.out), {"model": str(path), "limit": args.limit, "tasks": tasks})
+            print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+        return 0
     model, _ = load_model_and_tokenizer(str(path))
     run_file = path / "run_config.json"
     if not run_file.exists():
@@ -174,7 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="validation perplexity of a checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("--batches", type=int, default=50, help="batches of 8 sequences (default 50)")
+    e.add_argument("--batches", type=int, default=50, help="validation batches of 8 sequences (default 50)")
+    e.add_argument("--tasks", default=None, help="zero-shot tasks instead of validation perplexity, comma-separated "
+                   "(hellaswag, piqa, arc_easy, arc_challenge, boolq, winogrande, openbookqa, sciq, copa, lambada, "
+                   "boolq-passages, or all)")
+    e.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", default=None, help="write results as JSON (and a .md table beside it)")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
