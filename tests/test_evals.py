@@ -209,3 +209,39 @@ def test_lm_eval_adapter_generates_with_a_leanlm_model(tmp_path):
     text = lm.generate_until([Instance("generate_until", {}, ("abc", {"until": [], "max_gen_toks": 5}), 0)])[0]
     assert isinstance(text, str) and len(text) == 5
 
+
+
+@needs_lm_eval
+def test_lm_eval_simple_evaluate_on_a_local_task(tmp_path, monkeypatch):
+    """lm-eval's own task machinery scores a hand-made multiple-choice task through the adapter; the gold answer
+    of every item is the choice the bigram model prefers, so accuracy must be exactly 1 (and 0 for the reverse)."""
+    pytest.importorskip("datasets")
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from leanlm.evals.harness import LeanLMHarnessLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    model, tok = BigramLM(seed=3), CharTokenizer()
+    rows = []
+    for i, q in enumerate(["the cat sat", "a dog ran", "birds fly", "rain falls", "sun shines", "wind blows"]):
+        choices = ["on", "under", "near" + "x" * (i % 2)]
+        lps = [exact_logprob(model, tok, q, " " + c) for c in choices]
+        best, worst = max(range(3), key=lps.__getitem__), min(range(3), key=lps.__getitem__)
+        rows.append({"question": q, "choices": choices, "best": best, "worst": worst})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name, target in (("tiny_best", "best"), ("tiny_worst", "worst")):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
+            f"doc_to_choice: \"{{{{choices}}}}\"\ndoc_to_target: \"{{{{{target}}}}}\"\n"
+            f"target_delimiter: \" \"\nmetric_list:\n  - metric: acc\n")
+    lm = LeanLMHarnessLM(model=model, tokenizer=tok, batch_size=4)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_best", "tiny_worst"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)), log_samples=False)
+    assert out["results"]["tiny_best"]["acc,none"] == 1.0
+    assert out["results"]["tiny_worst"]["acc,none"] == 0.0

@@ -58,8 +58,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def validation_perplexity(model, run_config: dict, batches: int, batch_size: int = 8) -> dict[str, float]:
-    """Validation loss/perplexity of `model` on the validation split of the data section in `run_config`."""
+def validation_perplexity(model, run_config: dict, batches: int, batch_size: int = 8,
+                          tokenizer=None) -> dict[str, float]:
+    """Validation loss/perplexity of `model` on the validation split of the data section in `run_config`
+    (and bits per byte of the scored text when `tokenizer` is given)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -71,7 +73,7 @@ def validation_perplexity(model, run_config: dict, batches: int, batch_size: int
     windows = TokenWindows(data.val, data_cfg.seq_len)
     n = min(len(windows), batches * batch_size)
     picks = np.linspace(0, len(windows) - 1, n).round().astype(np.int64)
-    total, count = 0.0, 0
+    total, count, n_bytes = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, n, batch_size):
             batch = windows.batch(picks[i : i + batch_size]).to(model.device)
@@ -80,7 +82,12 @@ def validation_perplexity(model, run_config: dict, batches: int, batch_size: int
                                    reduction="sum")
             total += float(loss)
             count += batch[:, 1:].numel()
-    return {"val_loss": total / count, "val_ppl": math.exp(total / count), "tokens": count}
+            if tokenizer is not None:
+                n_bytes += sum(len(t.encode("utf-8")) for t in tokenizer.batch_decode(batch[:, 1:].tolist()))
+    out = {"val_loss": total / count, "val_ppl": math.exp(total / count), "tokens": count}
+    if tokenizer is not None:
+        out["bits_per_byte"] = total / math.log(2) / n_bytes
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -98,12 +105,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             write_results(results, Path(args.out), {"model": str(path), "limit": args.limit, "tasks": tasks})
             print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
         return 0
-    model, _ = load_model_and_tokenizer(str(path))
+    model, tokenizer = load_model_and_tokenizer(str(path))
     run_file = path / "run_config.json"
     if not run_file.exists():
         raise LeanLMError(f"{path} has no run_config.json, so its validation split is unknown. Fix: pass a "
                           f"checkpoint written by `leanlm train`")
-    metrics = validation_perplexity(model, json.loads(run_file.read_text()), args.batches)
+    metrics = validation_perplexity(model, json.loads(run_file.read_text()), args.batches, tokenizer=tokenizer)
     print(json.dumps(metrics))
     return 0
 
