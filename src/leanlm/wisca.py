@@ -47,6 +47,8 @@ import torch
 from torch import nn
 
 from leanlm.errors import ConfigError
+from leanlm.runconfig import register_section
+from leanlm.train import Callback
 
 GRANULARITIES = ("tensor", "group", "channel", "none")
 
@@ -180,10 +182,11 @@ class WiscaReport:
         head = f"{'layer':<40} {'|Wq|':>10} {'|Wk|':>10} {'s':>7}   {'|Wv|':>10} {'|Wo|':>10} {'t':>7}"
         lines = [head, "-" * len(head)]
         for r in self.layers:
-            lines.append(f"{r['name']:<40} {r['q_before']:>10.4g} {r['k_before']:>10.4g} {r['s_mean']:>7.3f}   "
-                         f"{r['v_before']:>10.4g} {r['o_before']:>10.4g} {r['t_mean']:>7.3f}")
-            lines.append(f"{'  after':<40} {r['q_after']:>10.4g} {r['k_after']:>10.4g} {'':>7}   "
-                         f"{r['v_after']:>10.4g} {r['o_after']:>10.4g}")
+            g = lambda key: r.get(key, math.nan)  # noqa: E731 (norms are absent for skipped pairs)
+            lines.append(f"{r['name']:<40} {g('q_before'):>10.4g} {g('k_before'):>10.4g} {r['s_mean']:>7.3f}   "
+                         f"{g('v_before'):>10.4g} {g('o_before'):>10.4g} {r['t_mean']:>7.3f}")
+            lines.append(f"{'  after':<40} {g('q_after'):>10.4g} {g('k_after'):>10.4g} {'':>7}   "
+                         f"{g('v_after'):>10.4g} {g('o_after'):>10.4g}")
         for name, why in self.unsupported:
             lines.append(f"unsupported: {name}: {why}")
         return "\n".join(lines)
@@ -466,13 +469,7 @@ def wisca_transform(model: nn.Module, cfg: WiscaConfig | None = None, optimizer:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def _register() -> None:
-    from leanlm.runconfig import register_section
-
-    register_section("wisca", WiscaConfig)
-
-
-_register()
+register_section("wisca", WiscaConfig)
 
 
 def control_multipliers(model: nn.Module, cfg: WiscaConfig) -> dict[nn.Parameter, float]:
@@ -483,64 +480,56 @@ def control_multipliers(model: nn.Module, cfg: WiscaConfig) -> dict[nn.Parameter
     return {op.param: 1.0 / float(op.factor.flatten()[0]) for op in ops if op.offset == 0.0}
 
 
-def _make_callback():
-    from leanlm.train import Callback
+class WiscaCallback(Callback):
+    """Runs WISCA transitions during training: at step 0 (if `init_transition`) and every `every` steps, after
+    optimizer.step() and before the next forward. With `apply: lr` it runs the learning-rate control instead.
+    Records per-transition factors and time spent in `self.log`."""
 
-    class WiscaCallback(Callback):
-        """Runs WISCA transitions during training: at step 0 (if `init_transition`) and every `every` steps,
-        after optimizer.step() and before the next forward. With `apply: lr` it runs the learning-rate control
-        instead. Records per-transition factors and time spent in `self.log`."""
+    def __init__(self, cfg: WiscaConfig):
+        cfg.check()
+        self.cfg = cfg
+        self.log: list[dict[str, Any]] = []
+        self.seconds = 0.0
 
-        def __init__(self, cfg: WiscaConfig):
-            cfg.check()
-            self.cfg = cfg
-            self.log: list[dict[str, Any]] = []
-            self.seconds = 0.0
+    def isolated_params(self, model: nn.Module) -> list[nn.Parameter]:
+        if self.cfg.apply != "lr":
+            return []
+        if self.cfg.qk not in ("tensor", "none") or self.cfg.vo not in ("tensor", "none"):
+            raise ConfigError("wisca.apply", "the learning-rate control needs one factor per tensor",
+                              "use wisca.qk/vo: tensor with wisca.apply: lr")
+        return list(control_multipliers(model, self.cfg))
 
-        def isolated_params(self, model: nn.Module) -> list[nn.Parameter]:
-            if self.cfg.apply != "lr":
-                return []
-            if self.cfg.qk not in ("tensor", "none") or self.cfg.vo not in ("tensor", "none"):
-                raise ConfigError("wisca.apply", "the learning-rate control needs one factor per tensor",
-                                  "use wisca.qk/vo: tensor with wisca.apply: lr")
-            return list(control_multipliers(model, self.cfg))
+    def _transition(self, trainer) -> None:
+        t0 = time.perf_counter()
+        if self.cfg.apply == "weights":
+            report = wisca_transform(trainer.raw_model, self.cfg, trainer.optimizer, norms_after=False)
+            s = [r["s_mean"] for r in report.layers]
+            t = [r["t_mean"] for r in report.layers]
+        else:
+            mult = control_multipliers(trainer.raw_model, self.cfg)
+            lam = trainer.scheduler.lr_lambdas[0](trainer.step)
+            for i, group in enumerate(trainer.optimizer.param_groups):
+                if len(group["params"]) == 1 and group["params"][0] in mult:
+                    trainer.scheduler.base_lrs[i] = trainer.cfg.lr * mult[group["params"][0]]
+                    group["lr"] = trainer.scheduler.base_lrs[i] * lam
+            s = t = list(mult.values())
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.log.append({"step": trainer.step, "seconds": dt, "factor_min": min(s + t, default=1.0),
+                         "factor_max": max(s + t, default=1.0)})
+        trainer.log({"step": trainer.step, "wisca_seconds": dt, "wisca_s_mean": sum(s) / max(1, len(s)),
+                     "wisca_t_mean": sum(t) / max(1, len(t))})
 
-        def _transition(self, trainer) -> None:
-            t0 = time.perf_counter()
-            if self.cfg.apply == "weights":
-                report = wisca_transform(trainer.raw_model, self.cfg, trainer.optimizer, norms_after=False)
-                s = [r["s_mean"] for r in report.layers]
-                t = [r["t_mean"] for r in report.layers]
-            else:
-                mult = control_multipliers(trainer.raw_model, self.cfg)
-                lam = trainer.scheduler.lr_lambdas[0](trainer.step)
-                for i, group in enumerate(trainer.optimizer.param_groups):
-                    if len(group["params"]) == 1 and group["params"][0] in mult:
-                        trainer.scheduler.base_lrs[i] = trainer.cfg.lr * mult[group["params"][0]]
-                        group["lr"] = trainer.scheduler.base_lrs[i] * lam
-                s = t = list(mult.values())
-            dt = time.perf_counter() - t0
-            self.seconds += dt
-            self.log.append({"step": trainer.step, "seconds": dt, "factor_min": min(s + t, default=1.0),
-                             "factor_max": max(s + t, default=1.0)})
-            trainer.log({"step": trainer.step, "wisca_seconds": dt, "wisca_s_mean": sum(s) / max(1, len(s)),
-                         "wisca_t_mean": sum(t) / max(1, len(t))})
+    def on_train_start(self, trainer) -> None:
+        if trainer.step == 0 and self.cfg.init_transition:
+            self._transition(trainer)
 
-        def on_train_start(self, trainer) -> None:
-            if trainer.step == 0 and self.cfg.init_transition:
-                self._transition(trainer)
+    def on_step_end(self, trainer, step: int) -> None:
+        if self.cfg.every and step % self.cfg.every == 0 and step < trainer.cfg.max_steps:
+            self._transition(trainer)
 
-        def on_step_end(self, trainer, step: int) -> None:
-            if self.cfg.every and step % self.cfg.every == 0 and step < trainer.cfg.max_steps:
-                self._transition(trainer)
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "log": self.log}
 
-        def state_dict(self) -> dict[str, Any]:
-            return {"seconds": self.seconds, "log": self.log}
-
-        def load_state_dict(self, state: dict[str, Any]) -> None:
-            self.seconds, self.log = state.get("seconds", 0.0), list(state.get("log", []))
-
-    return WiscaCallback
-
-
-WiscaCallback = _make_callback()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seconds, self.log = state.get("seconds", 0.0), list(state.get("log", []))
