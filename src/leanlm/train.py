@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -296,7 +297,7 @@ class Trainer:
             slot = micro * world + self.rank
             batch = self.train_windows.batch(idx[slot * bs : (slot + 1) * bs])
             last = micro == cfg.grad_accum - 1
-            sync_ctx = self.wrapped.no_sync() if (self.distributed and not cfg.fsdp and not last) else _null()
+            sync_ctx = self.wrapped.no_sync() if (self.distributed and not cfg.fsdp and not last) else nullcontext()
             if self.distributed and cfg.fsdp:
                 self.model.set_requires_gradient_sync(last)
             with sync_ctx:
@@ -461,8 +462,8 @@ class Trainer:
                 self.log({"step": self.step, **metrics})
                 for cb in self.callbacks:
                     cb.on_eval(self, self.step, metrics)
-                bar.write(f"step {self.step}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}") \
-                    if self.rank == 0 and cfg.progress else None
+                if self.rank == 0 and cfg.progress:
+                    bar.write(f"step {self.step}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}")
                 t_last = time.perf_counter()
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps:
                 self.save()
@@ -479,8 +480,3 @@ class Trainer:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
-
-class _null:
-    def __enter__(self) -> None: ...
-
-    def __exit__(self, *exc: object) -> None: ...
