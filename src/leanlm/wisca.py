@@ -161,6 +161,12 @@ class AttentionSite:
     head_dim: int
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
+    gain_offsets: tuple[float, float] = (0.0, 0.0)  # of q_norm / k_norm (1.0 for Gemma's 1 + w gains)
+
+    def qk_gains(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Effective q/k norm gains (weight + offset) [d] in float64, for QK-norm models."""
+        return (self.q_norm.weight.detach().double() + self.gain_offsets[0],
+                self.k_norm.weight.detach().double() + self.gain_offsets[1])
 
 
 @dataclass
@@ -177,6 +183,7 @@ class WiscaReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    sites: list[AttentionSite] = field(default_factory=list, repr=False)  # one per row of `layers`
 
     def table(self) -> str:
         head = f"{'layer':<40} {'|Wq|':>10} {'|Wk|':>10} {'s':>7}   {'|Wv|':>10} {'|Wo|':>10} {'t':>7}"
@@ -247,7 +254,8 @@ def find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[FFNSite], li
                 unsupported.append((name, "DoRA adapters rescale their own magnitude vector; not supported"))
                 continue
             qn, kn = children.get("q_norm"), children.get("k_norm")
-            sites.append(AttentionSite(name, q, k, v, o, heads, kv, head_dim, qn, kn))
+            offsets = (gain_offset(qn), gain_offset(kn)) if qn is not None and kn is not None else (0.0, 0.0)
+            sites.append(AttentionSite(name, q, k, v, o, heads, kv, head_dim, qn, kn, offsets))
             claimed.update(id(m) for m in module.modules())
             continue
         for up_n, down_n, gate_n in _FFN_NAMES:
@@ -277,6 +285,11 @@ def _mass(w: torch.Tensor, norm: str, dim: int) -> torch.Tensor:
 
 def _norm_of(mass: torch.Tensor, norm: str) -> torch.Tensor:
     return mass if norm == "l1" else mass.sqrt()
+
+
+def _total_norm(w: torch.Tensor, norm: str) -> float:
+    """Entry-wise norm of a whole tensor (2-D, or a 1-D gain vector)."""
+    return float(_norm_of(_mass(w.reshape(1, -1) if w.dim() == 1 else w, norm, 1).sum(), norm))
 
 
 def _pair_sum(x: torch.Tensor, d: int, rope_pairs: str) -> torch.Tensor:
@@ -318,9 +331,8 @@ def _qk_ops(site: AttentionSite, cfg: WiscaConfig) -> tuple[list[ScaleOp], torch
     h, kvh, d = site.num_heads, site.num_kv_heads, site.head_dim
     g = h // kvh
     if site.q_norm is not None and site.k_norm is not None:
-        off_q, off_k = gain_offset(site.q_norm), gain_offset(site.k_norm)
-        gq = site.q_norm.weight.detach().double() + off_q  # [d], shared by all heads
-        gk = site.k_norm.weight.detach().double() + off_k
+        off_q, off_k = site.gain_offsets
+        gq, gk = site.qk_gains()  # [d] each, shared by all heads
         if cfg.qk == "channel":
             s = _balance(_pair_sum(_mass(gk[None], cfg.norm, 0), d, cfg.rope_pairs),
                          _pair_sum(_mass(gq[None], cfg.norm, 0), d, cfg.rope_pairs))
@@ -328,8 +340,7 @@ def _qk_ops(site: AttentionSite, cfg: WiscaConfig) -> tuple[list[ScaleOp], torch
             s = _balance(_norm_of(_mass(gk[None], cfg.norm, 1), cfg.norm),
                          _norm_of(_mass(gq[None], cfg.norm, 1), cfg.norm)).reshape(()).expand(d).clone()
         ops = [ScaleOp(site.q_norm.weight, s, off_q), ScaleOp(site.k_norm.weight, 1 / s, off_k)]
-        return ops, s, {"q": _norm_of(_mass(gq[None], cfg.norm, 1), cfg.norm).item(),
-                        "k": _norm_of(_mass(gk[None], cfg.norm, 1), cfg.norm).item()}
+        return ops, s, {"q": _total_norm(gq, cfg.norm), "k": _total_norm(gk, cfg.norm)}
     wq, wk = site.q.effective_weight(), site.k.effective_weight()
     mq = _mass(wq, cfg.norm, 1).view(kvh, g, d)  # per query row, grouped by KV head
     mk = _mass(wk, cfg.norm, 1).view(kvh, d)
@@ -374,10 +385,9 @@ def _lora_factor_ops(model: nn.Module, cfg: WiscaConfig) -> list[ScaleOp]:
         if not hasattr(module, "lora_A") or not _is_linear(module):
             continue
         for a, b, _ in LinearView(module).adapters():
-            na = _norm_of(_mass(a.weight.detach().double(), cfg.norm, 1).sum(), cfg.norm)
-            nb = _norm_of(_mass(b.weight.detach().double(), cfg.norm, 1).sum(), cfg.norm)
-            u = _balance(na, nb)  # B <- u B, A <- A / u; 1 while B == 0 (fresh adapters)
-            if float(u) != 1.0:
+            na, nb = _total_norm(a.weight.detach(), cfg.norm), _total_norm(b.weight.detach(), cfg.norm)
+            if na > 0 and nb > 0:  # B <- u B, A <- A / u; nothing to balance while B == 0 (fresh adapters)
+                u = torch.tensor(math.sqrt(na / nb), dtype=torch.float64)
                 ops += [ScaleOp(b.weight, u), ScaleOp(a.weight, 1 / u)]
     return ops
 
@@ -385,7 +395,7 @@ def _lora_factor_ops(model: nn.Module, cfg: WiscaConfig) -> list[ScaleOp]:
 def plan(model: nn.Module, cfg: WiscaConfig) -> tuple[list[ScaleOp], WiscaReport]:
     """The scale operations of one transition, and a report with the norms before it."""
     sites, ffns, unsupported = find_sites(model)
-    report = WiscaReport(unsupported=unsupported)
+    report = WiscaReport(unsupported=unsupported, sites=sites)
     ops: list[ScaleOp] = []
     is_lora = any(hasattr(m, "lora_A") for m in model.modules())
     do_pairs = not is_lora or cfg.lora in ("effective", "both")
@@ -432,23 +442,19 @@ def apply_ops(ops: Iterable[ScaleOp], optimizer: torch.optim.Optimizer | None = 
                 st[key].copy_((st[key].to(work) / fb**power).to(st[key].dtype))
 
 
-def _after_norms(model: nn.Module, cfg: WiscaConfig, report: WiscaReport) -> None:
-    sites, _, _ = find_sites(model)
-    by_name = {s.name: s for s in sites}
-    for row in report.layers:
-        site = by_name[row["name"]]
+def _after_norms(cfg: WiscaConfig, report: WiscaReport) -> None:
+    """Fill in the norms after the transition, for the sites the report was planned on."""
+    for row, site in zip(report.layers, report.sites):
         if "q_before" in row:
             if site.q_norm is not None:
-                gq = site.q_norm.weight.double() + gain_offset(site.q_norm)
-                gk = site.k_norm.weight.double() + gain_offset(site.k_norm)
-                row["q_after"] = _norm_of(_mass(gq[None], cfg.norm, 1), cfg.norm).item()
-                row["k_after"] = _norm_of(_mass(gk[None], cfg.norm, 1), cfg.norm).item()
+                gq, gk = site.qk_gains()
+                row["q_after"], row["k_after"] = _total_norm(gq, cfg.norm), _total_norm(gk, cfg.norm)
             else:
-                row["q_after"] = _norm_of(_mass(site.q.effective_weight(), cfg.norm, 1).sum(), cfg.norm).item()
-                row["k_after"] = _norm_of(_mass(site.k.effective_weight(), cfg.norm, 1).sum(), cfg.norm).item()
+                row["q_after"] = _total_norm(site.q.effective_weight(), cfg.norm)
+                row["k_after"] = _total_norm(site.k.effective_weight(), cfg.norm)
         if "v_before" in row:
-            row["v_after"] = _norm_of(_mass(site.v.effective_weight(), cfg.norm, 1).sum(), cfg.norm).item()
-            row["o_after"] = _norm_of(_mass(site.o.effective_weight(), cfg.norm, 1).sum(), cfg.norm).item()
+            row["v_after"] = _total_norm(site.v.effective_weight(), cfg.norm)
+            row["o_after"] = _total_norm(site.o.effective_weight(), cfg.norm)
         for key in ("q", "k", "v", "o"):
             row.setdefault(f"{key}_before", math.nan)
             row.setdefault(f"{key}_after", math.nan)
@@ -464,7 +470,7 @@ def wisca_transform(model: nn.Module, cfg: WiscaConfig | None = None, optimizer:
     apply_ops(ops, optimizer, cfg.optimizer_state)
     report.seconds = time.perf_counter() - t0
     if norms_after:
-        _after_norms(model, cfg, report)
+        _after_norms(cfg, report)
     return report
 
 
