@@ -62,7 +62,6 @@ def validation_perplexity(model, run_config: dict, batches: int, batch_size: int
                           tokenizer=None) -> dict[str, float]:
     """Validation loss/perplexity of `model` on the validation split of the data section in `run_config`
     (and bits per byte of the scored text when `tokenizer` is given)."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -71,11 +70,10 @@ def validation_perplexity(model, run_config: dict, batches: int, batch_size: int
     data_cfg = DataConfig(**run_config["data"])
     data = prepare_data(data_cfg, model.config.vocab_size)
     windows = TokenWindows(data.val, data_cfg.seq_len)
-    n = min(len(windows), batches * batch_size)
-    picks = np.linspace(0, len(windows) - 1, n).round().astype(np.int64)
+    picks = windows.spread(batches * batch_size)
     total, count, n_bytes = 0.0, 0, 0
     with torch.no_grad():
-        for i in range(0, n, batch_size):
+        for i in range(0, len(picks), batch_size):
             batch = windows.batch(picks[i : i + batch_size]).to(model.device)
             logits = model(input_ids=batch[:, :-1], use_cache=False).logits
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),

@@ -189,6 +189,12 @@ class TokenWindows:
     def __len__(self) -> int:
         return self.n
 
+    def spread(self, count: int) -> np.ndarray:
+        """Indices of `count` windows (at most all of them) spread evenly over the array: the fixed evaluation
+        subset, shared by the trainer's validation and `leanlm eval` so both score the same windows."""
+        n = min(self.n, count)
+        return np.linspace(0, self.n - 1, n).round().astype(np.int64)
+
     def batch(self, indices: list[int] | np.ndarray) -> torch.Tensor:
         """Windows `indices` stacked as int64 [len(indices), seq_len + 1]."""
         L = self.seq_len

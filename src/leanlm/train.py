@@ -321,8 +321,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation loss and perplexity over `eval_batches` batches spread evenly over the validation split."""
         self.wrapped.eval()
-        n = min(len(self.val_windows), self.cfg.eval_batches * self.cfg.batch_size)
-        picks = np.linspace(0, len(self.val_windows) - 1, n).round().astype(np.int64)
+        picks = self.val_windows.spread(self.cfg.eval_batches * self.cfg.batch_size)
         mine = picks[self.rank :: self.world]
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
