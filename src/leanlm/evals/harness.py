@@ -6,8 +6,9 @@
 
 Importing this module registers the model name `leanlm` with lm-eval's registry, so
 `--model leanlm --model_args pretrained=PATH,batch_size=16` works as well. Log-likelihoods come from
-`leanlm.evals.scorer` (the same code as `leanlm eval --tasks`), rolling log-likelihoods from non-overlapping
-windows of the model's context length, and generation from `model.generate` (greedy unless `do_sample`).
+`leanlm.evals.scorer` (the same code as `leanlm eval --tasks`), rolling log-likelihoods from the same
+non-overlapping windows of the model's context length as `leanlm.evals.perplexity`, and generation from
+`model.generate` (greedy unless `do_sample`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from leanlm.evals.perplexity import document_windows, windows_nll
 from leanlm.evals.scorer import LoglikelihoodScorer
 
 
@@ -47,21 +49,10 @@ class LeanLMHarnessLM(LM):
         scores = self.scorer.score([tuple(r.args) for r in requests])
         return [(s.logprob, s.greedy) for s in scores]
 
-    @torch.no_grad()
     def loglikelihood_rolling(self, requests) -> list[float]:
-        out = []
-        window = self.scorer.max_length
-        eos = self.tokenizer.eos_token_id
-        for r in requests:
-            ids = ([eos] if eos is not None else []) + self.tokenizer(r.args[0], add_special_tokens=False)["input_ids"]
-            total = 0.0
-            for start in range(0, len(ids) - 1, window):
-                chunk = torch.tensor(ids[start : start + window + 1])[None]
-                logits = self.model(input_ids=chunk[:, :-1]).logits.float()
-                lp = torch.log_softmax(logits, -1).gather(-1, chunk[:, 1:, None])
-                total += float(lp.sum())
-            out.append(total)
-        return out
+        seq_len = self.scorer.max_length
+        return [-sum(windows_nll(self.model, document_windows(self.tokenizer, r.args[0], seq_len),
+                                 self.scorer.batch_size)) for r in requests]
 
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:

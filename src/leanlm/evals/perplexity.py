@@ -38,26 +38,22 @@ def boolq_passages(limit: int | None = None) -> list[str]:
     return out
 
 
+def document_windows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
+    """Non-overlapping windows of `seq_len` + 1 tokens over one document, the end-of-text token first as the
+    context of its first token; consecutive windows share one token (the last target is the next first input)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id] + ids
+    return [ids[start : start + seq_len + 1] for start in range(0, len(ids) - 1, seq_len)]
+
+
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, batch_size: int = 8,
-               progress: bool = True) -> dict[str, float]:
-    """Token-level perplexity and bits per byte of `model` over `texts` (one document each)."""
+def windows_nll(model, windows: list[list[int]], batch_size: int = 8, progress: bool = False) -> list[float]:
+    """Summed negative log-likelihood (nats) of every token after the first of each window, batched."""
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    windows: list[list[int]] = []
-    n_bytes = 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            ids = [eos] + ids  # a document boundary as context for its first token
-        n_bytes += len(text.encode("utf-8"))
-        for start in range(0, len(ids) - 1, seq_len):
-            chunk = ids[start : start + seq_len + 1]
-            if len(chunk) > 1:
-                windows.append(chunk)
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    out: list[float] = []
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
         batch = windows[start : start + batch_size]
         width = max(len(w) for w in batch) - 1
@@ -69,10 +65,19 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, batch_siz
             tgt[r, : len(w) - 1] = torch.tensor(w[1:])
             mask[r, : len(w) - 1] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.to(device).reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        nll += float(loss)
-        count += int((tgt != -100).sum())
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.to(device), ignore_index=-100,
+                                                 reduction="none")  # [B, W]
+        out += loss.sum(-1).tolist()
     model.train(was_training)
+    return out
+
+
+def perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, batch_size: int = 8,
+               progress: bool = True) -> dict[str, float]:
+    """Token-level perplexity and bits per byte of `model` over `texts` (one document each)."""
+    windows = [w for text in texts for w in document_windows(tokenizer, text, seq_len)]
+    nll = sum(windows_nll(model, windows, batch_size, progress))
+    count = sum(len(w) - 1 for w in windows)
+    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     return {"ppl": math.exp(nll / count), "bits_per_byte": nll / math.log(2) / n_bytes, "tokens": count,
             "bytes": n_bytes, "nll_per_token": nll / count}
