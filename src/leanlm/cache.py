@@ -73,6 +73,53 @@ class GrowingBuffer:
         return d.shape[0] * d.shape[1] * self.length * d.shape[3] * d.element_size()
 
 
+class WindowBuffer:
+    """The last tokens of a [B, H, T, D] sequence: a sliding-window cache.
+
+    A query at position p of a window of `window` tokens reads positions (p - window, p], so the next token needs
+    the last `window - 1` tokens. The buffer keeps exactly `window - 1 + margin` of them (or all, while fewer were
+    seen); the `margin` extra tokens let speculative decoding roll back (`crop`) that many tokens.
+    `start` is the absolute position of the first kept token.
+    """
+
+    def __init__(self, window: int, margin: int) -> None:
+        self.window, self.keep = window, window - 1 + margin
+        self.data: torch.Tensor | None = None
+        self.start = 0
+        self.length = 0
+
+    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Append `x` [B, H, t, D]; return every kept token plus the new ones [B, H, S, D] and the absolute position
+        of the first of them (the new queries may need tokens that are dropped from the buffer right after)."""
+        full = x if self.data is None else torch.cat([self.data, x], dim=2)
+        first = self.start
+        self.length += x.shape[2]
+        drop = max(0, full.shape[2] - self.keep)
+        self.data = full[:, :, drop:].clone() if drop else full
+        self.start += drop
+        return full, first
+
+    def view(self) -> tuple[torch.Tensor | None, int]:
+        return self.data, self.start
+
+    def crop(self, length: int) -> None:
+        if length >= self.length:
+            return
+        if self.start > max(0, length - (self.window - 1)):
+            raise ValueError(f"cannot roll a sliding-window cache back to {length} tokens: only the last "
+                             f"{self.keep} of {self.length} are kept; raise window_cache_margin")
+        if self.data is not None:
+            self.data = self.data[:, :, : length - self.start]
+        self.length = length
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.data is not None:
+            self.data = self.data.index_select(0, index.to(self.data.device))
+
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+
 class LeanCache:
     """Per-layer decoding state for a leanlm model; created by the model on the first forward with `use_cache`."""
 

@@ -4,6 +4,7 @@
     leanlm eval CHECKPOINT [--batches N] [--tasks hellaswag,piqa,... --limit N --out FILE.json]
     leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
     leanlm wisca CHECKPOINT OUT [--qk tensor --vo tensor --norm l1 --ffn]
+    leanlm kv-report CONFIG [--context 8k,32k,128k]
     leanlm demo [--out DIR --steps N]
 
 Bad input (config values, checkpoints, corpora) is reported as one line naming the field and the fix, with exit
@@ -175,6 +176,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kv_report(args: argparse.Namespace) -> int:
+    from leanlm.config import LeanLMConfig
+    from leanlm.errors import CheckpointError, ConfigError
+    from leanlm.kvreport import format_report, kv_report, parse_contexts
+    from leanlm.runconfig import load_run_config
+
+    try:
+        contexts = parse_contexts(args.context)
+    except ValueError as exc:
+        raise ConfigError("--context", str(exc), "pass comma-separated lengths like 8k,32k,128k") from None
+    path = Path(args.config)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json; pass a run config (YAML) or a saved model folder")
+        config = LeanLMConfig.from_pretrained(path)
+    else:
+        config = load_run_config(args.config, args.set).model_config()
+    rows = kv_report(config, contexts, args.dtype_bytes)
+    print(format_report(rows, config, args.dtype_bytes))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -215,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--rope-pairs", default="half", help="half (HF rotate_half) | interleaved")
     w.add_argument("--overwrite", action="store_true")
     w.set_defaults(func=cmd_wisca)
+
+    k = sub.add_parser("kv-report", help="KV-cache bytes per token and per sequence, against GQA/MLA/GLA/NSA/ASA")
+    k.add_argument("config", help="run config (YAML path or shipped name) or a saved model folder")
+    k.add_argument("--context", default="8k,32k,128k", help="context lengths, e.g. 8k,32k,128k")
+    k.add_argument("--dtype-bytes", type=int, default=2, choices=(1, 2, 4), help="bytes per cached number (2 = bf16)")
+    k.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set model.nsa_window=1024")
+    k.add_argument("--json", default=None, help="also write the rows as JSON")
+    k.set_defaults(func=cmd_kv_report)
 
     d = sub.add_parser("demo", help="the guided tour: train, evaluate and sample a tiny model on 2 CPU cores")
     d.add_argument("--out", default="runs/demo")

@@ -23,7 +23,30 @@ class LeanLMConfig(PreTrainedConfig):
     Field names follow `transformers.LlamaConfig`. Extra fields:
 
     attention (`str` or `list[str]`, defaults to `"gqa"`):
-        Attention kind of every layer, or a list with one kind per layer (length `num_hidden_layers`).
+        Attention kind of every layer, or a list with one kind per layer (length `num_hidden_layers`):
+        `gqa`, `mla`, `gla`, `nsa` or `asa`.
+
+    Latent attention (`mla`, `gla` and ASA's layers) uses DeepSeek-V3's field names where they exist:
+    `kv_lora_rank` (MLA latent width d_c, default 4 * head_dim), `q_lora_rank` (optional query compression),
+    `qk_rope_head_dim` (decoupled RoPE width d_r, default head_dim / 2), `qk_nope_head_dim` (default head_dim),
+    `v_head_dim` (default head_dim). New: `gla_latent_heads` (g, default num_key_value_heads) and
+    `gla_kv_lora_rank` (total GLA latent width, split evenly over the g latent heads; default g * 2 * head_dim),
+    `latent_absorb` (`auto`: weight-absorbed attention over the latent cache when decoding, expanded keys/values
+    for training and prefill; `always` / `never` force one path; both give the same result).
+
+    Sparse attention (`nsa`, and ASA's global layers): `nsa_compress_block` l, `nsa_compress_stride` d,
+    `nsa_select_block` l', `nsa_select_count` n (an int, or one per layer), `nsa_init_blocks` and
+    `nsa_local_blocks` (always-selected first / most recent blocks, counted in n), `nsa_window` w,
+    `nsa_compressor` (`mean` pooling or the paper's `mlp` with intra-block position embedding),
+    `nsa_query_group` Q (selection computed once per Q consecutive tokens from the first of them; 1 = exact NSA),
+    `nsa_gates` (per-head sigmoid branch gates). Unset block sizes take the NSA paper's values (32/16/64) for `nsa`
+    and ASA's reported 16-token blocks for `asa`; `window_cache_margin` is how many tokens beyond the window a
+    sliding-window cache keeps so that speculative decoding can roll back.
+
+    ASA: `asa_pattern` is `alternate` (layer 0 local, then strict 1:1 alternation; the paper's ambiguity A1),
+    `alternate_global_first`, `nsa` (every layer has all three branches on GLA: the fixed-pattern ablation), or an
+    explicit list of `local` / `global` / `both` per layer. `asa_local_gate` adds a sigmoid output gate per head in
+    local layers.
     """
 
     model_type = "leanlm"
@@ -50,6 +73,30 @@ class LeanLMConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     attention: str | list[str] = "gqa"
+    # latent attention (MLA / GLA)
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    gla_latent_heads: int | None = None
+    gla_kv_lora_rank: int | None = None
+    latent_absorb: str = "auto"
+    # sparse attention (NSA / ASA global layers)
+    nsa_compress_block: int | None = None
+    nsa_compress_stride: int | None = None
+    nsa_select_block: int | None = None
+    nsa_select_count: int | list[int] = 16
+    nsa_init_blocks: int = 1
+    nsa_local_blocks: int = 2
+    nsa_window: int = 512
+    nsa_compressor: str = "mean"
+    nsa_query_group: int | None = None
+    nsa_gates: bool = True
+    window_cache_margin: int = 64
+    # ASA
+    asa_pattern: str | list[str] = "alternate"
+    asa_local_gate: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:
@@ -59,8 +106,39 @@ class LeanLMConfig(PreTrainedConfig):
         if self.intermediate_size is None and self.hidden_size:
             # SwiGLU sizing of Llama: 8/3 of the hidden size, rounded up to a multiple of 64.
             self.intermediate_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+        hd = self.head_dim
+        if hd:
+            self.kv_lora_rank = 4 * hd if self.kv_lora_rank is None else self.kv_lora_rank
+            self.qk_rope_head_dim = max(2, hd // 2) if self.qk_rope_head_dim is None else self.qk_rope_head_dim
+            self.qk_nope_head_dim = hd if self.qk_nope_head_dim is None else self.qk_nope_head_dim
+            self.v_head_dim = hd if self.v_head_dim is None else self.v_head_dim
+            if self.gla_latent_heads is None:
+                self.gla_latent_heads = self.num_key_value_heads
+            if self.gla_kv_lora_rank is None and self.gla_latent_heads:
+                self.gla_kv_lora_rank = self.gla_latent_heads * 2 * hd
+        # Block sizes: ASA's reported 16-token blocks (and 4-token query groups) when any layer is ASA, else NSA's.
+        asa = "asa" in (self.attention if isinstance(self.attention, list) else [self.attention])
+        for name, nsa_default, asa_default in (("nsa_compress_block", 32, 16), ("nsa_compress_stride", 16, 16),
+                                               ("nsa_select_block", 64, 16), ("nsa_query_group", 1, 4)):
+            if getattr(self, name) is None:
+                setattr(self, name, asa_default if asa else nsa_default)
         super().__post_init__(**kwargs)
         self.check()
+
+    def select_count(self, layer_idx: int) -> int:
+        """n, the number of selected blocks of layer `layer_idx` (`nsa_select_count` may be per layer)."""
+        n = self.nsa_select_count
+        return n[layer_idx] if isinstance(n, list) else n
+
+    def asa_role(self, layer_idx: int) -> str:
+        """`local`, `global` or `both`: what an ASA layer at `layer_idx` computes under `asa_pattern`."""
+        p = self.asa_pattern
+        if isinstance(p, list):
+            return p[layer_idx]
+        if p == "nsa":
+            return "both"
+        first, second = ("global", "local") if p == "alternate_global_first" else ("local", "global")
+        return first if layer_idx % 2 == 0 else second
 
     # ------------------------------------------------------------------------------------------------------------
     @property

@@ -2,6 +2,6 @@
 
 from leanlm.attention.base import Attention, causal_padding_mask
 from leanlm.attention.registry import ATTENTION_REGISTRY, register_attention
-from leanlm.attention import gqa  # noqa: F401  (registers "gqa")
+from leanlm.attention import asa, gla, gqa, mla, nsa  # noqa: F401  (register "asa", "gla", "gqa", "mla", "nsa")
 
 __all__ = ["ATTENTION_REGISTRY", "Attention", "causal_padding_mask", "register_attention"]

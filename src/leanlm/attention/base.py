@@ -35,13 +35,26 @@ class Attention(nn.Module):
         """Raise `ConfigError` if `config` cannot work for this kind at `layer_idx`."""
 
     @classmethod
-    def cache_bytes_per_token(cls, config: "LeanLMConfig", layer_idx: int, dtype_bytes: int = 2) -> float:
-        """Cache bytes per token of context held by one layer of this kind (averaged, for kinds with fixed state)."""
+    def cache_bytes(cls, config: "LeanLMConfig", layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
+        """Exact bytes this layer's cache state holds for one sequence after `context` tokens, with activations of
+        `dtype_bytes` bytes (what `LayerState.nbytes()` reports; buffer capacity beyond the length is not counted)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, positions: "Positions", cache: "LeanCache | None",
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+def require_unpadded(attention_mask: torch.Tensor | None, kind: str) -> None:
+    """Block-sparse and sliding-window kinds define blocks by absolute token position, so they refuse left padding
+    (and padding followed by tokens). Right padding of a single forward (batched scoring) is harmless: real tokens
+    come first and causal attention never reaches the pads after them."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return
+    m = attention_mask.bool()
+    if not bool((m.cummin(dim=-1).values == m).all()):
+        raise ValueError(f"{kind} attention needs unpadded (or right-padded) batches, as its blocks are defined by "
+                         "absolute positions: decode prompts of equal length together, or one at a time")
 
 
 def causal_padding_mask(attention_mask: torch.Tensor | None, t: int, s: int, device: torch.device) -> torch.Tensor | None:

@@ -54,8 +54,8 @@ class GroupedQueryAttention(Attention):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, c, bias=bias)
 
     @classmethod
-    def cache_bytes_per_token(cls, config, layer_idx: int, dtype_bytes: int = 2) -> float:
-        return 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
+        return 2 * config.num_key_value_heads * config.head_dim * context * dtype_bytes
 
     def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:

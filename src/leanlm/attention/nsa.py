@@ -1,0 +1,265 @@
+"""Native Sparse Attention (NSA, Yuan et al. 2025, arXiv 2502.11089) on GQA projections.
+
+Each layer runs three branches over the same queries and mixes them with learned per-head sigmoid gates
+(NSA Eq. 5): attention over compressed blocks, attention over the top-n selected blocks (chosen per GQA group from
+the compression scores) and a sliding window. Keys and values are shared by the three branches and compressed
+blocks are pooled from them (fla's reading; the paper gives each branch its own K/V, which triples the cache).
+The branch maths is in `leanlm.attention.sparse`; `SparseBranches` here adds the parts ASA reuses: the optional
+MLP compressor, query grouping (selection computed once per `nsa_query_group` tokens) and the decoding state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from leanlm.attention import sparse as ops
+from leanlm.attention.base import Attention, require_unpadded
+from leanlm.attention.gqa import KVState
+from leanlm.attention.registry import register_attention
+from leanlm.cache import GrowingBuffer, LeanCache, WindowBuffer
+from leanlm.errors import ConfigError
+from leanlm.rope import Positions, apply_rope
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+class SparseState:
+    """Decoding state of the sparse branches beyond the keys/values themselves: the compressed blocks (computed
+    once, when a block completes) and, with query grouping, the selected blocks of the most recent query groups."""
+
+    def __init__(self, query_group: int, margin: int, compressed_values: bool) -> None:
+        self.query_group = query_group
+        self.kc = GrowingBuffer()
+        self.vc = GrowingBuffer() if compressed_values else None
+        self.quads = WindowBuffer(2, math.ceil(margin / query_group)) if query_group > 1 else None
+
+    def crop(self, length: int, block: int, stride: int) -> None:
+        m = ops.num_compressed_blocks(length, block, stride)
+        self.kc.crop(m)
+        if self.vc is not None:
+            self.vc.crop(m)
+        if self.quads is not None:
+            self.quads.crop(math.ceil(length / self.query_group))
+
+    def select(self, index: torch.Tensor) -> None:
+        for buf in (self.kc, self.vc, self.quads):
+            if buf is not None:
+                buf.select(index)
+
+    def nbytes(self) -> int:
+        return sum(buf.nbytes() for buf in (self.kc, self.vc, self.quads) if buf is not None)
+
+
+class SparseLayerState:
+    """Cache of a sparse layer: the full keys/values (or latents) plus `SparseState`."""
+
+    def __init__(self, kv, sparse: SparseState, block: int, stride: int) -> None:
+        self.kv, self.sparse, self.block, self.stride = kv, sparse, block, stride
+
+    def seq_length(self) -> int:
+        return self.kv.seq_length()
+
+    def crop(self, length: int) -> None:
+        self.kv.crop(length)
+        self.sparse.crop(length, self.block, self.stride)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.kv.select(index)
+        self.sparse.select(index)
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() + self.sparse.nbytes()
+
+
+class SparseBranches(nn.Module):
+    """NSA's compression / selection / sliding-window branches for one layer, in KV-group form.
+
+    `value_prefix`: when the values are the first `value_prefix` channels of the keys (ASA's absorbed GLA latents,
+    V̄ = c inside K̄ = [c ; k_r]) and pooling is the mean, compressed values are sliced from the compressed keys
+    instead of being stored twice.
+    """
+
+    def __init__(self, config, layer_idx: int, key_dim: int, value_dim: int, groups: int, branches: tuple[str, ...],
+                 value_prefix: int | None = None):
+        super().__init__()
+        self.branches = branches
+        self.groups = groups
+        self.block, self.stride = config.nsa_compress_block, config.nsa_compress_stride
+        self.sel_block, self.count = config.nsa_select_block, config.select_count(layer_idx)
+        self.init_blocks, self.local_blocks = config.nsa_init_blocks, config.nsa_local_blocks
+        self.window, self.query_group = config.nsa_window, config.nsa_query_group
+        self.margin = config.window_cache_margin
+        self.mlp = config.nsa_compressor == "mlp"
+        self.value_prefix = None if self.mlp else value_prefix
+        if self.mlp and ("cmp" in branches or "slc" in branches):
+            self.compress_k = ops.MLPCompressor(self.block, key_dim)
+            self.compress_v = ops.MLPCompressor(self.block, value_dim)
+
+    def new_state(self) -> SparseState:
+        return SparseState(self.query_group, self.margin, compressed_values=self.value_prefix is None)
+
+    def _compressed(self, k: torch.Tensor, v: torch.Tensor, state: SparseState | None):
+        ck, cv = (self.compress_k, self.compress_v) if self.mlp else (None, None)
+        if state is None:
+            kc = ops.compress(k, self.block, self.stride, ck)
+            vc = kc[..., : self.value_prefix] if self.value_prefix else ops.compress(v, self.block, self.stride, cv)
+            return kc, vc
+        have = state.kc.length
+        want = ops.num_compressed_blocks(k.shape[2], self.block, self.stride)
+        if want > have:
+            span = slice(have * self.stride, (want - 1) * self.stride + self.block)
+            state.kc.append(ops.compress(k[:, :, span], self.block, self.stride, ck))
+            if state.vc is not None:
+                state.vc.append(ops.compress(v[:, :, span], self.block, self.stride, cv))
+        kc = state.kc.view()
+        if kc is None:
+            kc = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3])
+        if self.value_prefix:
+            return kc, kc[..., : self.value_prefix]
+        vc = state.vc.view()
+        return kc, (vc if vc is not None else v.new_zeros(v.shape[0], v.shape[1], 0, v.shape[3]))
+
+    def _selection(self, probs: torch.Tensor, q_pos: torch.Tensor, state: SparseState | None) -> torch.Tensor:
+        """Selected blocks per query [B, G, T, n]; with query groups, those of each group's first token."""
+        qg = self.query_group
+        args = (self.groups, self.count, self.block, self.stride, self.sel_block, self.init_blocks, self.local_blocks)
+        if qg == 1:
+            return ops.select_blocks(probs, q_pos, *args)
+        starts = (q_pos % qg == 0).nonzero().squeeze(-1)
+        new = ops.select_blocks(probs[:, :, starts], q_pos[starts], *args)  # [B, G, R, n]
+        if state is None:
+            table, first = new, int(q_pos[0].item()) // qg
+        else:
+            table, first = state.quads.append(new.to(torch.int32))
+        return table[:, :, q_pos // qg - first].long()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_start: int,
+                state: SparseState | None, scale: float) -> dict[str, torch.Tensor]:
+        """q [B, H, T, Dk], k [B, G, S, Dk], v [B, G, S, Dv] (keys from position `k_start`; the compression and
+        selection branches need `k_start == 0`), q_pos [T]. Returns {branch: output [B, H, T, Dv]}."""
+        out: dict[str, torch.Tensor] = {}
+        if "cmp" in self.branches or "slc" in self.branches:
+            kc, vc = self._compressed(k, v, state)
+            o_cmp, probs = ops.compression_attention(q, kc, vc, q_pos, self.block, self.stride, scale)
+            if "cmp" in self.branches:
+                out["cmp"] = o_cmp
+            if "slc" in self.branches:
+                idx = self._selection(probs, q_pos, state)
+                out["slc"] = ops.selection_attention(q, k, v, idx, q_pos, k_start, self.sel_block, scale)
+        if "win" in self.branches:
+            out["win"] = ops.window_attention(q, k, v, q_pos, k_start, self.window, scale)
+        return out
+
+    @staticmethod
+    def state_bytes(config, layer_idx: int, context: int, groups: int, key_dim: int, value_dim: int | None,
+                    dtype_bytes: int) -> int:
+        """Bytes of `SparseState` after `context` tokens (value_dim None: values sliced from keys)."""
+        m = ops.num_compressed_blocks(context, config.nsa_compress_block, config.nsa_compress_stride)
+        total = m * groups * (key_dim + (value_dim or 0)) * dtype_bytes
+        qg = config.nsa_query_group
+        if qg > 1 and context:
+            keep = 1 + math.ceil(config.window_cache_margin / qg)
+            total += min(math.ceil(context / qg), keep) * groups * config.select_count(layer_idx) * 4
+        return total
+
+
+def check_sparse_config(config, layer_idx: int) -> None:
+    """Config checks shared by NSA and ASA's global layers."""
+    l, d, ls = config.nsa_compress_block, config.nsa_compress_stride, config.nsa_select_block
+    for name in ("nsa_compress_block", "nsa_compress_stride", "nsa_select_block", "nsa_window", "nsa_query_group"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(name, f"must be a positive integer, got {v!r}", f"set {name} to an integer > 0")
+    n = config.nsa_select_count
+    if isinstance(n, list) and len(n) != config.num_hidden_layers:
+        raise ConfigError("nsa_select_count", f"lists {len(n)} counts for {config.num_hidden_layers} layers",
+                          "give one count per layer, or a single count")
+    n = config.select_count(layer_idx)
+    if not isinstance(n, int) or n <= 0:
+        raise ConfigError("nsa_select_count", f"must be a positive integer, got {n!r}", "use e.g. 16")
+    if l % d or ls % d:
+        raise ConfigError("nsa_compress_stride", f"stride d={d} must divide the compression block l={l} and the "
+                          f"selection block l'={ls} (NSA's d | l, d | l')", "use e.g. l=32, d=16, l'=64")
+    if config.nsa_window % ls:
+        raise ConfigError("nsa_window", f"window {config.nsa_window} is not a multiple of the selection block "
+                          f"nsa_select_block={ls}", f"use a multiple of {ls}, e.g. {max(ls, config.nsa_window // ls * ls)}")
+    blocks = math.ceil(config.max_position_embeddings / ls)
+    if n > blocks:
+        raise ConfigError("nsa_select_count", f"top-n={n} (layer {layer_idx}) is more than the {blocks} blocks of "
+                          f"{ls} tokens at the configured context max_position_embeddings="
+                          f"{config.max_position_embeddings}", f"use nsa_select_count <= {blocks}")
+    if config.nsa_init_blocks < 0 or config.nsa_local_blocks < 1 or config.nsa_init_blocks + config.nsa_local_blocks > n:
+        raise ConfigError("nsa_local_blocks", f"init ({config.nsa_init_blocks}) + local ({config.nsa_local_blocks}) "
+                          f"forced blocks must be >= 1 local and fit in nsa_select_count={n}",
+                          "use nsa_init_blocks: 1, nsa_local_blocks: 2")
+    if ls % config.nsa_query_group:
+        raise ConfigError("nsa_query_group", f"query group {config.nsa_query_group} must divide the selection block "
+                          f"{ls} (a group must not straddle a block boundary)", "use 1, 2, 4 or 8")
+    if config.nsa_compressor not in ("mean", "mlp"):
+        raise ConfigError("nsa_compressor", f"unknown compressor {config.nsa_compressor!r}", "use mean or mlp")
+    if not isinstance(config.window_cache_margin, int) or config.window_cache_margin < 0:
+        raise ConfigError("window_cache_margin", f"must be an integer >= 0, got {config.window_cache_margin!r}",
+                          "use e.g. 64")
+
+
+def mix_branches(outs: dict[str, torch.Tensor], gates: torch.Tensor | None) -> torch.Tensor:
+    """Σ_b g_b * o_b with gates [B, T, nb * H] (branch-major) or a plain sum without gates."""
+    names = list(outs)
+    if gates is None:
+        return sum(outs[n] for n in names)
+    b, t, _ = gates.shape
+    g = torch.sigmoid(gates).view(b, t, len(names), -1).permute(2, 0, 3, 1)[..., None]  # [nb, B, H, T, 1]
+    return sum(g[i] * outs[n] for i, n in enumerate(names))
+
+
+@register_attention("nsa")
+class NativeSparseAttention(Attention):
+    """NSA on GQA projections (q/k/v/o names as in Llama): compression + selection + sliding window, gated."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        c, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(c, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c, bias=bias)
+        self.gate_proj = nn.Linear(c, len(BRANCHES) * self.num_heads) if config.nsa_gates else None
+        self.sparse = SparseBranches(config, layer_idx, self.head_dim, self.head_dim, self.num_kv_heads, BRANCHES)
+
+    @classmethod
+    def check_config(cls, config, layer_idx: int) -> None:
+        check_sparse_config(config, layer_idx)
+
+    @classmethod
+    def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
+        kv = 2 * config.num_key_value_heads * config.head_dim * context * dtype_bytes
+        return kv + SparseBranches.state_bytes(config, layer_idx, context, config.num_key_value_heads,
+                                               config.head_dim, config.head_dim, dtype_bytes)
+
+    def _new_state(self) -> SparseLayerState:
+        return SparseLayerState(KVState(), self.sparse.new_state(), self.sparse.block, self.sparse.stride)
+
+    def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        require_unpadded(attention_mask, "nsa")
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        cos, sin = positions.cos_sin(self.head_dim, self.config.rope_theta, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        state = None
+        if cache is not None:
+            st = cache.state(self.layer_idx, self._new_state)
+            k, v = st.kv.append(k, v)  # [B, Hkv, S, D]
+            state = st.sparse
+        s = k.shape[2]
+        q_pos = torch.arange(s - t, s, device=x.device)
+        outs = self.sparse(q, k, v, q_pos, 0, state, self.head_dim ** -0.5)
+        o = mix_branches(outs, self.gate_proj(x) if self.gate_proj is not None else None)  # [B, H, T, D]
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
