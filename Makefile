@@ -31,6 +31,7 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/asa_compare.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -3,7 +3,9 @@ window boundaries), generates, saves/loads, rolls back, and accounts for its cac
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +292,30 @@ def test_asa_halves_the_long_context_cache_of_nsa():
     gqa = rows["gqa"]["bytes_per_token"][0]
     assert gqa == 24 * 2 * 4 * 64 * 2  # K and V, 4 heads of 64, bf16, 24 layers
     assert math.isclose(rows["gqa"]["bytes_per_sequence"][0], gqa * 131072)
+
+
+def test_right_padded_scoring_batches_are_exact_for_sparse_kinds():
+    """Batched log-likelihood scoring right-pads; real tokens come first, so their logits are unaffected."""
+    model = make("asa", nsa_compress_block=8, nsa_compress_stride=8, nsa_select_block=8)
+    ids = torch.randint(1, 97, (2, 50))
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, 35:] = 0
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits[1, :35]
+        alone = model(ids[1:, :35]).logits[0]
+    torch.testing.assert_close(batch, alone, rtol=1e-9, atol=1e-9)
+
+
+def test_kv_report_cli(tmp_path, capsys):
+    from leanlm.cli import main
+
+    out = tmp_path / "kv.json"
+    assert main(["kv-report", "tiny", "--context", "1k,4k", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| asa |" in text and "| nsa |" in text
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    cfg = LeanLMConfig(**__import__("yaml").safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"))["model"])
+    assert rows["gqa"]["bytes_per_token"] == [2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.num_hidden_layers] * 2
+    assert rows["asa"]["bytes_per_sequence"][1] < rows["nsa"]["bytes_per_sequence"][1]
+    assert main(["kv-report", "tiny", "--context", "8q"]) == 2
+    assert "--context" in capsys.readouterr().err

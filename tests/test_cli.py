@@ -108,6 +108,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
     result = run_demo(out_dir=str(tmp_path / "demo"), steps=4)
     out = capsys.readouterr().out
-    for step in ("[1] data", "[2] train", "[3] evaluate", "[4] generate", "WISCA: 1 output-preserving"):
+    for step in ("[1] data", "[2] train", "[3] evaluate", "[4] generate", "[5] kv cache",
+                 "WISCA: 1 output-preserving", "ASA layers (0: local, 1: global"):
         assert step in out
     assert 1 < result["val_ppl"] < 10_000 and result["sample"].startswith("KING HENRY.")
+    assert result["cache_bytes_measured"] == result["cache_bytes_accounted"] > 0
+    assert 0.4 < result["asa_vs_nsa_128k"] < 0.7

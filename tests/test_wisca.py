@@ -301,3 +301,57 @@ def test_bad_wisca_values():
         with pytest.raises(ConfigError) as err:
             WiscaConfig(**kw).check()
         assert err.value.field == field
+
+
+# -- latent and sparse attention (extension): MLA/GLA/ASA via the latent rule, NSA like GQA ---------------------------
+SPARSE = dict(nsa_window=16, nsa_select_count=4, nsa_compress_block=8, nsa_compress_stride=8, nsa_select_block=8)
+LATENT_KINDS = [("mla", {}), ("mla", {"q_lora_rank": 24}), ("gla", {}), ("nsa", {}), ("asa", {}),
+                ("asa", {"nsa_compressor": "mlp"}), ("asa", {"asa_pattern": "nsa", "nsa_query_group": 1})]
+
+
+@pytest.mark.parametrize("kind,extra", LATENT_KINDS, ids=[f"{k}-{'-'.join(map(str, e.values()))}" for k, e in
+                                                          LATENT_KINDS])
+@pytest.mark.parametrize("mode", ["tensor", "group", "channel"])
+def test_latent_and_sparse_attention_invariance_and_balance(kind, extra, mode):
+    torch.manual_seed(0)
+    cfg = LeanLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention=kind,
+                       **{**SPARSE, **extra})
+    model = perturb(LeanLMForCausalLM(cfg), 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "q_b_proj" in name:
+                p.mul_(4.0)  # make the pairs clearly unbalanced
+    reports = []
+    x = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    model = model.double().eval()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        reports.append(wisca_transform(model, WiscaConfig(qk=mode, vo=mode)))
+        after = model(input_ids=x).logits
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-12
+    report = reports[0]
+    assert len(report.layers) == 2 and not report.unsupported
+    for row in report.layers:
+        assert row["q_before"] / row["k_before"] > 1.5
+        assert row["v_after"] == pytest.approx(row["o_after"], rel=1e-9)
+        if extra.get("nsa_compressor") != "mlp":
+            assert row["q_after"] == pytest.approx(row["k_after"], rel=1e-9) or mode != "tensor"
+
+
+def test_nsa_with_mlp_compressor_is_listed_as_unsupported():
+    cfg = LeanLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=2, max_position_embeddings=64, attention="nsa", nsa_compressor="mlp",
+                       **SPARSE)
+    sites, _, unsupported = find_sites(LeanLMForCausalLM(cfg))
+    assert sites == [] and [u[0] for u in unsupported] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+def test_lr_control_refuses_latent_attention():
+    from leanlm import ConfigError
+    from leanlm.wisca import control_multipliers
+
+    cfg = LeanLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=2, max_position_embeddings=64, attention="asa", **SPARSE)
+    with pytest.raises(ConfigError, match="wisca.apply"):
+        control_multipliers(LeanLMForCausalLM(cfg), WiscaConfig(apply="lr"))

@@ -59,6 +59,13 @@ class GrowingBuffer:
     def view(self) -> torch.Tensor | None:
         return None if self.data is None else self.data[:, :, : self.length]
 
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """Keep tokens [0, start) followed by tokens start + index (tree verification keeps the accepted path)."""
+        if self.data is not None:
+            picked = self.data[:, :, start + index.to(self.data.device)]
+            self.data[:, :, start : start + len(index)] = picked
+        self.length = start + len(index)
+
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
 
@@ -144,6 +151,17 @@ class LeanCache:
         for st in self.layers:
             if st is not None:
                 st.crop(length)
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """Keep positions [0, start) and then positions start + index [n] (ascending), dropping the rest: what tree
+        verification does with the accepted path. Only full-attention states (GQA, MLA, GLA) support it."""
+        for st in self.layers:
+            if st is None:
+                continue
+            if not hasattr(st, "keep"):
+                raise NotImplementedError(f"{type(st).__name__} cannot keep a token subset (sliding-window and "
+                                          "block-sparse caches are position-structured); use chain drafting")
+            st.keep(start, index)
 
     def select(self, index: torch.Tensor) -> None:
         for st in self.layers:

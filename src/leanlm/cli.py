@@ -3,6 +3,7 @@
     leanlm train CONFIG [--set section.key=value ...]
     leanlm eval CHECKPOINT [--batches N] [--tasks hellaswag,piqa,... --limit N --out FILE.json]
     leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+                    [--spec chain|static|eagle2 --draft HEAD]
     leanlm wisca CHECKPOINT OUT [--qk tensor --vo tensor --norm l1 --ffn]
     leanlm kv-report CONFIG [--context 8k,32k,128k]
     leanlm demo [--out DIR --steps N]
@@ -136,9 +137,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LeanLMError("--max-new-tokens must be > 0. Fix: e.g. --max-new-tokens 100")
     if args.temperature < 0:
         raise LeanLMError("--temperature must be >= 0 (0 = greedy). Fix: e.g. --temperature 0.8")
+    if args.spec != "none" and not args.draft:
+        raise LeanLMError(f"--spec {args.spec} needs a draft head. Fix: pass --draft PATH (a folder written by "
+                          "EagleDraftHead.save), or --spec none")
+    if args.spec != "none":
+        from leanlm.spec.draft import EagleDraftHead
+        from leanlm.spec.tree import make_strategy
+
+        strategy = make_strategy(args.spec)  # unknown names fail here, before loading anything
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+        head, _ = EagleDraftHead.load(args.draft, model.config)
+        speculative_text(model, tokenizer, head, strategy, args)
+        return 0
     model, tokenizer = load_model_and_tokenizer(args.checkpoint)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     return 0
+
+
+def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace) -> str:
+    """Stream a speculative-decoding continuation, then print the step statistics."""
+    from leanlm.spec.engine import SpeculativeDecoder
+
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    done: list[int] = []
+    printed = 0
+    print(args.prompt, end="", flush=True)
+
+    def stream(new: list[int]) -> None:
+        nonlocal printed
+        done.extend(new)
+        text = tokenizer.decode(done, skip_special_tokens=True)
+        print(text[printed:], end="", flush=True)
+        printed = len(text)
+
+    _, stats = SpeculativeDecoder(model, head.to(model.device), strategy).generate(
+        ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        eos_token_id=tokenizer.eos_token_id, on_tokens=stream)
+    st = stats.as_dict()
+    print(f"\n[{strategy.describe()}: {st['steps']} steps, tau {st['tau']:.2f} accepted draft tokens per step, "
+          f"{st['candidates_per_step']:.1f} candidates verified per step, draft {st['draft_ms_per_step']:.1f} ms + "
+          f"verify {st['verify_ms_per_step']:.1f} ms per step]")
+    return args.prompt + tokenizer.decode(done, skip_special_tokens=True)
 
 
 def cmd_wisca(args: argparse.Namespace) -> int:
@@ -228,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--spec", default="none", choices=("none", "chain", "static", "eagle2"),
+                   help="speculative decoding strategy (lossless; needs --draft)")
+    g.add_argument("--draft", default=None, help="draft head folder for --spec")
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("wisca", help="apply one WISCA transition to a saved model (leanlm or HF) and save it")

@@ -2,12 +2,15 @@
 
 Step by step it prints what each stage achieved:
   1. data      the bundled English corpus (Shakespeare, Milton, KJV, Brown), split by document, BPE-tokenized
-  2. train     the `tiny` config (~5M parameters) from scratch with WISCA transitions (at step 0 and every 100
-               steps), with validation perplexity along the way
+  2. train     the `tiny-asa` config (~5M parameters, Alternating Sparse Attention: sliding-window MLA layers
+               alternating with compression + selection GLA layers) from scratch with WISCA transitions (at step 0
+               and every 100 steps), with validation perplexity along the way
   3. evaluate  validation perplexity of the final checkpoint, reloaded from disk with `from_pretrained`
   4. generate  a sampled continuation from the trained model, with its KV cache
+  5. kv cache  the cache the model really held while decoding, against the exact accounting, and what the same
+               model would hold with full GQA or NSA attention at long contexts
 
-Later capabilities (WISCA, ASA, C2T speculative decoding) add their own steps here as they land.
+Later capabilities (C2T speculative decoding) add their own steps here as they land.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
     overrides = [f"train.out_dir={out_dir}", "train.resume=never", "wisca.every=100"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
-    run = load_run_config("tiny", overrides)
+    run = load_run_config("tiny-asa", overrides)
 
     _banner(1, "data: bundled English corpus -> BPE tokens")
     t = time.perf_counter()
@@ -40,12 +43,15 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
           f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens with a {m['vocab']}-token BPE "
           f"({time.perf_counter() - t:.1f}s, cached in {data.dir})")
 
-    _banner(2, "train: tiny GQA model from scratch, with WISCA weight rescaling")
+    _banner(2, "train: tiny ASA model from scratch, with WISCA weight rescaling")
     t = time.perf_counter()
     trainer = Trainer(run, data=data)
+    cfg = trainer.model.config
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"{n_params / 1e6:.1f}M parameters, {run.train.max_steps} steps of "
-          f"{trainer.tokens_per_step:,} tokens, AdamW + warm-up/cosine")
+    roles = ", ".join(f"{i}: {cfg.asa_role(i)}" for i in range(cfg.num_hidden_layers))
+    print(f"{n_params / 1e6:.1f}M parameters; ASA layers ({roles}); window {cfg.nsa_window}, top-"
+          f"{cfg.nsa_select_count} of {cfg.nsa_select_block}-token blocks; {run.train.max_steps} steps of "
+          f"{trainer.tokens_per_step:,} tokens ({run.data.seq_len} per sequence), AdamW + warm-up/cosine")
     first_val = trainer.evaluate()["val_ppl"]
     metrics = trainer.fit()
     wisca_cb = trainer.callbacks[-1]
@@ -68,5 +74,30 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
     print("-" * 70)
     text = generate_text(model, tokenizer, prompt, max_new_tokens=80, temperature=0.8, top_k=40, seed=0)
     print("-" * 70)
+
+    _banner(5, "kv cache: what ASA holds, measured and accounted")
+    kv = _kv_cache_step(model, tokenizer, text)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s")
-    return {"val_ppl": ev["val_ppl"], "sample": text, "checkpoint": str(ckpt)}
+    return {"val_ppl": ev["val_ppl"], "sample": text, "checkpoint": str(ckpt), **kv}
+
+
+def _kv_cache_step(model, tokenizer, text: str) -> dict:
+    import torch
+
+    from leanlm.kvreport import cache_bytes, kv_report
+
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    n, dtype_bytes = ids.shape[1], next(model.parameters()).element_size()
+    measured, accounted = cache.nbytes(), cache_bytes(model.config, n, dtype_bytes)
+    print(f"after {n} tokens the cache holds {measured:,} bytes; the accounting says {accounted:,} "
+          f"({'exact' if measured == accounted else 'MISMATCH'})")
+    rows = {r["variant"]: r for r in kv_report(model.config, [8192, 131072], 2)}
+    print("the same model in bf16, bytes per token of context:")
+    for name in ("gqa", "nsa", "asa"):
+        r = rows[name]
+        print(f"  {name}: {r['bytes_per_token'][0]:>7,.0f} @8k  {r['bytes_per_token'][1]:>7,.0f} @128k  "
+              f"({r['vs_nsa'][1]:.0%} of NSA @128k)")
+    return {"cache_bytes_measured": measured, "cache_bytes_accounted": accounted,
+            "asa_vs_nsa_128k": rows["asa"]["vs_nsa"][1]}

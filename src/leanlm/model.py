@@ -110,6 +110,8 @@ class LeanLMModel(LeanLMPreTrainedModel):
             past_key_values = LeanCache(self.config.num_hidden_layers)
         cache = past_key_values if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
+            raise ValueError("a 4-D (tree) attention mask needs explicit position_ids")
         if position_ids is None:
             if attention_mask is not None:
                 # Left padding: a token's position is the number of real tokens before it.

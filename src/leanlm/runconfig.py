@@ -151,7 +151,7 @@ def find_config(name_or_path: str) -> Path:
         if cand.is_file():
             return cand
     raise ConfigError("CONFIG", f"{name_or_path!r} is neither a file nor a shipped config name",
-                      "pass a YAML path or one of tiny, small, 125m, 350m")
+                      "pass a YAML path or one of tiny, tiny-asa, small, 125m, 350m")
 
 
 def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:

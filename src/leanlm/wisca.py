@@ -30,6 +30,15 @@ restarts its moments and bias correction for them) or `rescale` (map the moments
 parameter multiplied element-wise by f has gradients divided by f, so exp_avg <- exp_avg / f and
 exp_avg_sq <- exp_avg_sq / f^2, which makes the transition equivariant for Adam).
 
+Latent attention (MLA, GLA and ASA's layers; an extension, not in the paper): per head the score is
+q_nope . (W_UK c) + q_rope . k_rope and the output is W_O (W_UV c), so three exact symmetries exist: the no-RoPE
+query rows against the W_UK rows of the same head (per head and channel: no RoPE acts there), the RoPE query rows
+against the shared RoPE key rows of `kv_a_proj_with_mqa` (one factor for the tensor: the key is shared by every
+head), and the W_UV rows against the o_proj columns. `qk`/`vo` granularities map to these (`group` = per latent
+head). The latent itself is untouched, so compressed and selected blocks see the same latents; only when an MLP
+compressor reads the RoPE key (NSA's learned φ) is the RoPE factor left at 1, since φ is not homogeneous.
+NSA layers with mean pooling rescale like GQA (pooling is linear); with the MLP compressor they are unsupported.
+
 Modules are found by structure: any module holding q/k/v/o projections (under Llama, GPT-NeoX-style or Meta names,
 or, failing names, four linear maps whose shapes fit H*d, Hkv*d, Hkv*d and H*d -> hidden in that order) whose head
 counts come from the model config. Attention-like modules that do not fit (latent or sparse attention, fused QKV,
@@ -170,6 +179,37 @@ class AttentionSite:
 
 
 @dataclass
+class LatentSite:
+    """A latent-attention module (`leanlm.attention.latent.LatentProjections` layout, DeepSeek parameter names)."""
+
+    name: str
+    q: LinearView  # q_proj or q_b_proj: rows [H, d_nope + d_r]
+    kv_a: LinearView  # kv_a_proj_with_mqa: rows [g * d_c latent ; d_r RoPE key]
+    kv_b: nn.Parameter  # [g, (H/g) * (d_nope + d_v), d_c]
+    o: LinearView  # columns [H, d_v]
+    num_heads: int
+    groups: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    scale_rope: bool = True
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The weights of each side of each pair (float64 views for norms)."""
+        h, g, dn, dr, dv = self.num_heads, self.groups, self.nope_dim, self.rope_dim, self.v_dim
+        wq = self.q.effective_weight().view(h, dn + dr, -1)
+        kvb = self.kv_b.detach().view(g, h // g, dn + dv, -1)
+        return {"q_nope": wq[:, :dn], "q_rope": wq[:, dn:], "k_nope": kvb[:, :, :dn].reshape(h, dn, -1),
+                "k_rope": self.kv_a.effective_weight()[-dr:], "v": kvb[:, :, dn:].reshape(h, dv, -1),
+                "o": self.o.effective_weight().view(-1, h, dv)}
+
+    def norms(self, norm: str) -> dict[str, float]:
+        p = self.parts()
+        n = {k: _total_norm(w.reshape(w.shape[0], -1) if w.dim() > 2 else w, norm) for k, w in p.items()}
+        return {"q": n["q_nope"] + n["q_rope"], "k": n["k_nope"] + n["k_rope"], "v": n["v"], "o": n["o"]}
+
+
+@dataclass
 class FFNSite:
     name: str
     up: LinearView
@@ -183,7 +223,7 @@ class WiscaReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    sites: list[AttentionSite] = field(default_factory=list, repr=False)  # one per row of `layers`
+    sites: list[AttentionSite | LatentSite] = field(default_factory=list, repr=False)  # one per row of `layers`
 
     def table(self) -> str:
         head = f"{'layer':<40} {'|Wq|':>10} {'|Wk|':>10} {'s':>7}   {'|Wv|':>10} {'|Wo|':>10} {'t':>7}"
@@ -232,7 +272,17 @@ def find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[FFNSite], li
     for name, module in model.named_modules():
         if id(module) in claimed:  # inside a site already found (or sharing its projections)
             continue
+        reason = getattr(module, "wisca_unsupported", None)
+        if callable(reason) and reason():
+            unsupported.append((name, reason()))
+            claimed.update(id(m) for m in module.modules())
+            continue
         children = dict(module.named_children())
+        latent = _latent_site(name, module)
+        if latent is not None:
+            sites.append(latent)
+            claimed.update(id(m) for m in module.modules())
+            continue
         found = None
         for names in _NAME_SETS:
             if all(n in children and _is_linear(children[n]) for n in names):
@@ -262,9 +312,12 @@ def find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[FFNSite], li
             if all(n in children and _is_linear(children[n]) for n in (up_n, down_n, gate_n)):
                 ffns.append(FFNSite(name, LinearView(children[up_n]), LinearView(children[down_n])))
                 break
+    site_names = [site.name for site in sites]
     for name, module in model.named_modules():
         cls = type(module).__name__.lower()
         if id(module) in claimed or not any(t in cls for t in ("attention", "attn")):
+            continue
+        if any(n.startswith(name + ".") for n in site_names):  # wraps a site; its other weights (gates) read x
             continue
         if any(name == u or name.startswith(u + ".") for u, _ in unsupported):
             continue
@@ -272,6 +325,17 @@ def find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[FFNSite], li
             unsupported.append((name, f"{type(module).__name__}: no q/k/v/o projection pair that rescaling keeps "
                                       f"exact (e.g. latent, sparse or fused-QKV attention)"))
     return sites, ffns, unsupported
+
+
+def _latent_site(name: str, module: nn.Module) -> LatentSite | None:
+    """A `LatentSite` if `module` has the latent-attention layout (kv_a_proj_with_mqa, 3-D kv_b_proj, o_proj)."""
+    kv_b = getattr(getattr(module, "kv_b_proj", None), "weight", None)
+    if kv_b is None or kv_b.dim() != 3 or not hasattr(module, "kv_a_proj_with_mqa") or not hasattr(module, "o_proj"):
+        return None
+    q = module.q_proj if hasattr(module, "q_proj") else module.q_b_proj
+    return LatentSite(name, LinearView(q), LinearView(module.kv_a_proj_with_mqa), kv_b, LinearView(module.o_proj),
+                      module.num_heads, module.groups, module.nope_dim, module.rope_dim, module.v_dim,
+                      scale_rope=not getattr(module, "rope_key_compressed_nonlinearly", False))
 
 
 # ---------------------------------------------------------------------------------------------------- factors
@@ -373,6 +437,42 @@ def _vo_ops(site: AttentionSite, cfg: WiscaConfig) -> tuple[list[ScaleOp], torch
     return ops, t, {"v": _norm_of(mv.sum(), cfg.norm).item(), "o": _norm_of(mo.sum(), cfg.norm).item()}
 
 
+def _latent_ops(site: LatentSite, cfg: WiscaConfig) -> tuple[list[ScaleOp], float, float]:
+    """Scale operations of a latent site; returns them with the mean QK and VO factors."""
+    h, g, dn, dr, dv = site.num_heads, site.groups, site.nope_dim, site.rope_dim, site.v_dim
+    p = site.parts()
+    one = lambda *shape: torch.ones(*shape, dtype=torch.float64)  # noqa: E731
+    s, r, t = one(h, dn), one(()), one(h, dv)
+    if cfg.qk != "none":
+        mq, mk = _mass(p["q_nope"].reshape(h * dn, -1), cfg.norm, 1).view(h, dn), \
+            _mass(p["k_nope"].reshape(h * dn, -1), cfg.norm, 1).view(h, dn)
+        s = _granular(mk, mq, cfg.qk, cfg.norm, g)
+        if site.scale_rope:
+            r = _balance(_norm_of(_mass(p["k_rope"], cfg.norm, 1).sum(), cfg.norm),
+                         _norm_of(_mass(p["q_rope"].reshape(h * dr, -1), cfg.norm, 1).sum(), cfg.norm))
+    if cfg.vo != "none":
+        mv = _mass(p["v"].reshape(h * dv, -1), cfg.norm, 1).view(h, dv)
+        mo = _mass(p["o"].reshape(-1, h * dv), cfg.norm, 0).view(h, dv)
+        t = _granular(mo, mv, cfg.vo, cfg.norm, g)
+    q_rows = torch.cat([s, r.expand(h, dr)], dim=1).reshape(-1)  # [H * (d_nope + d_r)]
+    kv_rows = torch.cat([1 / s, t], dim=1).view(g, h // g * (dn + dv))  # [g, (H/g)(d_nope + d_v)]
+    latent_rows = one(site.kv_a.out_features - dr)
+    ops = site.q.row_ops(q_rows) + [ScaleOp(site.kv_b, kv_rows[:, :, None])]
+    ops += site.kv_a.row_ops(torch.cat([latent_rows, (1 / r).expand(dr)])) + site.o.col_ops(1 / t.reshape(-1))
+    return ops, float(torch.cat([s.reshape(-1), r.reshape(1)]).mean()), float(t.mean())
+
+
+def _granular(num: torch.Tensor, den: torch.Tensor, mode: str, norm: str, groups: int) -> torch.Tensor:
+    """Balancing factors [H, d] from masses [H, d]: one for all (tensor), per latent head (group), per channel."""
+    h, d = num.shape
+    if mode == "tensor":
+        return _balance(_norm_of(num.sum(), norm), _norm_of(den.sum(), norm)).expand(h, d).clone()
+    if mode == "group":
+        f = _balance(_norm_of(num.view(groups, -1).sum(-1), norm), _norm_of(den.view(groups, -1).sum(-1), norm))
+        return f[:, None].expand(groups, h // groups * d).reshape(h, d).clone()
+    return _balance(_norm_of(num, norm), _norm_of(den, norm))
+
+
 def _ffn_ops(site: FFNSite, cfg: WiscaConfig) -> list[ScaleOp]:
     up, down = site.up.effective_weight(), site.down.effective_weight()
     u = _balance(_norm_of(_mass(down, cfg.norm, 0), cfg.norm), _norm_of(_mass(up, cfg.norm, 1), cfg.norm))
@@ -401,6 +501,14 @@ def plan(model: nn.Module, cfg: WiscaConfig) -> tuple[list[ScaleOp], WiscaReport
     do_pairs = not is_lora or cfg.lora in ("effective", "both")
     for site in sites:
         row: dict[str, Any] = {"name": site.name, "s_mean": 1.0, "t_mean": 1.0}
+        if isinstance(site, LatentSite):
+            if do_pairs and (cfg.qk != "none" or cfg.vo != "none"):
+                before = site.norms(cfg.norm)
+                latent_ops, s_mean, t_mean = _latent_ops(site, cfg)
+                ops += latent_ops
+                row.update({f"{k}_before": v for k, v in before.items()}, s_mean=s_mean, t_mean=t_mean)
+            report.layers.append(row)
+            continue
         if do_pairs and cfg.qk != "none":
             qk_ops, s, norms = _qk_ops(site, cfg)
             ops += qk_ops
@@ -445,6 +553,10 @@ def apply_ops(ops: Iterable[ScaleOp], optimizer: torch.optim.Optimizer | None = 
 def _after_norms(cfg: WiscaConfig, report: WiscaReport) -> None:
     """Fill in the norms after the transition, for the sites the report was planned on."""
     for row, site in zip(report.layers, report.sites):
+        if isinstance(site, LatentSite):
+            if "q_before" in row:
+                row.update({f"{k}_after": v for k, v in site.norms(cfg.norm).items()})
+            continue
         if "q_before" in row:
             if site.q_norm is not None:
                 gq, gk = site.qk_gains()
@@ -455,6 +567,7 @@ def _after_norms(cfg: WiscaConfig, report: WiscaReport) -> None:
         if "v_before" in row:
             row["v_after"] = _total_norm(site.v.effective_weight(), cfg.norm)
             row["o_after"] = _total_norm(site.o.effective_weight(), cfg.norm)
+    for row in report.layers:
         for key in ("q", "k", "v", "o"):
             row.setdefault(f"{key}_before", math.nan)
             row.setdefault(f"{key}_after", math.nan)
@@ -482,7 +595,10 @@ def control_multipliers(model: nn.Module, cfg: WiscaConfig) -> dict[nn.Parameter
     """Learning-rate multipliers of the `apply: lr` control: under Adam, scaling a tensor by f changes its
     effective relative learning rate by 1/f, so the control multiplies each tensor's lr by 1/f instead of rescaling
     the weights (f computed from the current weights, as a transition would). Tensor granularity only."""
-    ops, _ = plan(model, cfg)
+    ops, report = plan(model, cfg)
+    if any(isinstance(site, LatentSite) for site in report.sites):
+        raise ConfigError("wisca.apply", "the learning-rate control needs one factor per tensor, and latent "
+                          "attention mixes factors inside q_proj / kv_b_proj", "use wisca.apply: weights")
     return {op.param: 1.0 / float(op.factor.flatten()[0]) for op in ops if op.offset == 0.0}
 
 

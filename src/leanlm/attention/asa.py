@@ -50,6 +50,7 @@ class AlternatingSparseAttention(LatentAttention):
         lat = self.latent
         self.sparse = SparseBranches(config, layer_idx, lat.latent_dim + lat.rope_dim, lat.latent_dim, lat.groups,
                                      branches, value_prefix=lat.latent_dim)
+        lat.rope_key_compressed_nonlinearly = self.sparse.mlp  # tells WISCA to leave the RoPE key's scale alone
         self.gate_proj = nn.Linear(config.hidden_size, len(branches) * config.num_attention_heads) \
             if config.nsa_gates else None
 

@@ -21,7 +21,9 @@ class Attention(nn.Module):
       positions      leanlm.rope.Positions: `.ids` [B, T] absolute positions of the new tokens, and
                      `.cos_sin(dim, theta, dtype)` RoPE tables shared across layers
       cache          LeanCache or None; the layer keeps its own state in `cache.state(layer_idx, ...)`
-      attention_mask [B, S]     1 for real tokens and 0 for padding over all S = past + T tokens, or None
+      attention_mask [B, S]     1 for real tokens and 0 for padding over all S = past + T tokens, or None;
+                     full-attention kinds also take a boolean [B, 1, T, S] mask (True = attend) as is, which is
+                     how speculative decoding verifies a token tree in one forward
     returns [B, T, C].
     """
 
@@ -49,12 +51,25 @@ def require_unpadded(attention_mask: torch.Tensor | None, kind: str) -> None:
     """Block-sparse and sliding-window kinds define blocks by absolute token position, so they refuse left padding
     (and padding followed by tokens). Right padding of a single forward (batched scoring) is harmless: real tokens
     come first and causal attention never reaches the pads after them."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        raise ValueError(f"{kind} attention cannot take a 4-D (tree) mask: its blocks are defined by absolute "
+                         "positions; use chain drafting for speculative decoding")
     if attention_mask is None or bool(attention_mask.all()):
         return
     m = attention_mask.bool()
     if not bool((m.cummin(dim=-1).values == m).all()):
         raise ValueError(f"{kind} attention needs unpadded (or right-padded) batches, as its blocks are defined by "
                          "absolute positions: decode prompts of equal length together, or one at a time")
+
+
+def tree_or_causal_mask(attention_mask: torch.Tensor | None, t: int, s: int, device: torch.device):
+    """A 4-D boolean mask [B, 1, t, s] is used as given (token trees); a 2-D padding mask goes through
+    `causal_padding_mask`."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.shape[-2:] != (t, s):
+            raise ValueError(f"4-D attention mask has shape {tuple(attention_mask.shape)}, expected [B, 1, {t}, {s}]")
+        return attention_mask.bool()
+    return causal_padding_mask(attention_mask, t, s, device)
 
 
 def causal_padding_mask(attention_mask: torch.Tensor | None, t: int, s: int, device: torch.device) -> torch.Tensor | None:

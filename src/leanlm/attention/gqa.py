@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.attention.base import Attention, causal_padding_mask
+from leanlm.attention.base import Attention, tree_or_causal_mask
 from leanlm.attention.registry import register_attention
 from leanlm.cache import GrowingBuffer, LeanCache
 from leanlm.rope import Positions, apply_rope
@@ -33,6 +33,10 @@ class KVState:
     def select(self, index: torch.Tensor) -> None:
         self.k.select(index)
         self.v.select(index)
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        self.k.keep(start, index)
+        self.v.keep(start, index)
 
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
@@ -68,7 +72,7 @@ class GroupedQueryAttention(Attention):
         if cache is not None:
             k, v = cache.state(self.layer_idx, KVState).append(k, v)  # [B, Hkv, S, D]
         s = k.shape[2]
-        mask = causal_padding_mask(attention_mask, t, s, x.device)
+        mask = tree_or_causal_mask(attention_mask, t, s, x.device)
         dropout = self.config.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and t > 1,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.attention.base import Attention, causal_padding_mask, require_unpadded
+from leanlm.attention.base import Attention, require_unpadded, tree_or_causal_mask
 from leanlm.attention.sparse import window_mask
 from leanlm.cache import GrowingBuffer, LeanCache, WindowBuffer
 from leanlm.rope import Positions, apply_rope
@@ -78,6 +78,12 @@ class LatentState:
     def select(self, index: torch.Tensor) -> None:
         self.c.select(index)
         self.k_rope.select(index)
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        if self.window:
+            raise NotImplementedError("a sliding-window latent cache cannot keep a token subset; use chain drafting")
+        self.c.keep(start, index)
+        self.k_rope.keep(start, index)
 
     def nbytes(self) -> int:
         return self.c.nbytes() + self.k_rope.nbytes()
@@ -257,7 +263,7 @@ class LatentAttention(Attention):
             q_pos = torch.arange(past, past + t, device=x.device)
             mask = window_mask(q_pos, torch.arange(first, first + s, device=x.device), self.window)[None, None]
         else:
-            mask = causal_padding_mask(attention_mask, t, s, x.device)
+            mask = tree_or_causal_mask(attention_mask, t, s, x.device)
         dropout = self.config.attention_dropout if self.training else 0.0
         o = lat.attend(q_nope, q_rope, c, k_rope, mask, is_causal=mask is None and t > 1,
                        absorbed=use_absorbed(self.config.latent_absorb, t, past), dropout=dropout)  # [B, H, T, d_v]

@@ -235,6 +235,12 @@ class NativeSparseAttention(Attention):
     def check_config(cls, config, layer_idx: int) -> None:
         check_sparse_config(config, layer_idx)
 
+    def wisca_unsupported(self) -> str | None:
+        """Why WISCA cannot rescale this layer exactly (None: it can, like GQA, since mean pooling is linear)."""
+        if self.sparse.mlp:
+            return "NSA with the MLP compressor: rescaled keys/values would change the compressed blocks"
+        return None
+
     @classmethod
     def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
         kv = 2 * config.num_key_value_heads * config.head_dim * context * dtype_bytes

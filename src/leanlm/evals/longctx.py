@@ -87,8 +87,10 @@ class Generator:
     def _plant(self, rng: random.Random, hay: list[str], needles: list[str], spread: bool) -> float:
         """Insert needles (in order) into the haystack; returns the first one's depth."""
         n = len(hay)
-        if spread:
-            slots = sorted(rng.sample(range(1, n), min(len(needles), n - 1)))
+        if spread and n - 1 >= len(needles):
+            slots = sorted(rng.sample(range(1, n), len(needles)))
+        elif spread:  # short haystack: some needles share a gap
+            slots = sorted(rng.randrange(1, n) for _ in needles)
         else:
             first = rng.randrange(1, max(2, n - 1))
             slots = [first] * len(needles)

@@ -1,0 +1,85 @@
+"""Lossless verification of a token tree against the target's logits at every node.
+
+Greedy: from the root, follow the child whose token is the target's argmax at the current node, as long as one
+exists; the target's argmax after the last accepted node is the bonus token. The emitted tokens are exactly those
+plain greedy decoding would produce.
+
+Sampling: recursive rejection sampling with deterministic (one-hot) proposals, as in EAGLE (and SpecInfer's
+multi-candidate form). At the current node with target distribution p, the children's distinct tokens are tried in
+order; token x is accepted with probability p(x) (its proposal probability is 1); on rejection p(x) is set to 0 and p
+renormalised; if every child is rejected the bonus token is drawn from what is left of p (or from p itself at a
+leaf). Each emitted token is then distributed exactly as plain sampling from the target's processed distribution.
+
+`process_logits` is shared with plain sampling so both draw from the same distribution (temperature, top-k, top-p).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanlm.spec.tree import TokenTree
+
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Probabilities [..., V] after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def greedy_accept(tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Accepted path (node indices, starting with the root) and the bonus token. logits [N, V]."""
+    best = logits.argmax(-1).tolist()
+    children = tree.children()
+    path = [0]
+    while True:
+        nxt = next((c for c in children[path[-1]] if tree.tokens[c] == best[path[-1]]), None)
+        if nxt is None:
+            return path, best[path[-1]]
+        path.append(nxt)
+
+
+def sample_accept(tree: TokenTree, logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Accepted path and bonus token under sampling; see the module docstring."""
+    probs = process_logits(logits, temperature, top_k, top_p)  # [N, V]
+    children = tree.children()
+    path = [0]
+    while True:
+        node = path[-1]
+        p = probs[node].clone()
+        accepted = None
+        tried: set[int] = set()
+        for c in children[node]:
+            x = tree.tokens[c]
+            if x in tried:
+                continue
+            tried.add(x)
+            if torch.rand((), generator=generator).item() < p[x].item():
+                accepted = c
+                break
+            p[x] = 0.0
+            total = p.sum()
+            if total <= 0:
+                break
+            p /= total
+        if accepted is None:
+            return path, int(torch.multinomial(p, 1, generator=generator))
+        path.append(accepted)
+
+
+def tree_inputs(tree: TokenTree, past: int, device: torch.device | str):
+    """Target inputs for verifying `tree` after `past` cached tokens: input_ids [1, N], position_ids [1, N] and a
+    boolean attention mask [1, 1, N, past + N] (every cached token, plus the node's ancestors and itself)."""
+    n = len(tree)
+    ids = torch.tensor([tree.tokens], device=device)
+    pos = (torch.tensor(tree.depths(), device=device) + past)[None]
+    mask = torch.cat([torch.ones(n, past, dtype=torch.bool, device=device), tree.ancestor_mask(device)], dim=1)
+    return ids, pos, mask[None, None]

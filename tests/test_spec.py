@@ -1,0 +1,243 @@
+"""Speculative decoding: trees, verification and the decoding loop are lossless (greedy: token-identical to plain
+greedy decoding; sampling: the same distribution as plain sampling), for leanlm and Hugging Face targets."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from leanlm.config import LeanLMConfig
+from leanlm.model import LeanLMForCausalLM
+from leanlm.spec import Chain, Eagle2, SpeculativeDecoder, StaticTree, TokenTree, plain_generate
+from leanlm.spec.draft import EagleDraftHead, head_config
+from leanlm.spec.verify import greedy_accept, process_logits, sample_accept
+
+V = 48
+
+
+class ModelDrafter:
+    """Drafts with a (possibly different, possibly noisy) causal LM, recomputing from scratch: slow, exact, simple."""
+
+    def __init__(self, model, noise: float = 0.0, seed: int = 0):
+        self.model, self.noise = model, noise
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seq: list[int] = []
+        self.paths: dict[int, list[int]] = {}
+
+    def _logp(self, seqs: list[list[int]]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(torch.tensor(seqs), use_cache=False).logits[:, -1].float()
+        if self.noise:
+            logits = logits + self.noise * torch.randn(logits.shape, generator=self.gen)
+        return torch.log_softmax(logits, -1)
+
+    def prefill(self, features, tokens):
+        if not self.seq:
+            self.seq = [self.first]
+        self.seq += tokens
+        self.paths = {0: []}
+
+    def root(self):
+        return self._logp([self.seq])[0]
+
+    def expand(self, nodes, tokens, parents):
+        for n, t, p in zip(nodes, tokens, parents):
+            self.paths[n] = self.paths[p] + [t]
+        seqs = [self.seq + self.paths[n] for n in nodes]
+        if len({len(x) for x in seqs}) == 1:  # one batched forward when the nodes are at one depth
+            return self._logp(seqs)
+        return torch.cat([self._logp([x]) for x in seqs])
+
+    def end_tree(self):
+        pass
+
+
+def tiny(kind="gqa", seed=0, layers=2):
+    torch.manual_seed(seed)
+    cfg = LeanLMConfig(vocab_size=V, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, attention=kind)
+    return LeanLMForCausalLM(cfg).eval()
+
+
+def decoder(target, strategy, drafter_model, noise, prompt):
+    def factory():
+        d = ModelDrafter(drafter_model, noise)
+        d.first = int(prompt[0, 0])
+        return d
+
+    return SpeculativeDecoder(target, None, strategy, drafter_factory=factory)
+
+
+STRATEGIES = [Chain(1), Chain(5), StaticTree(), Eagle2(total_tokens=12, depth=4, top_k=3),
+              Eagle2(total_tokens=60, depth=6, top_k=10)]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.describe())
+@pytest.mark.parametrize("kind", ["gqa", "mla", "gla"])
+def test_greedy_is_token_identical_to_plain_greedy(strategy, kind):
+    target = tiny(kind)
+    near = tiny(kind, seed=0, layers=2)  # the target itself, made noisy below: often right, sometimes wrong
+    accepted = 0
+    for i in range(6):
+        prompt = torch.randint(0, V, (1, 5 + i), generator=torch.Generator().manual_seed(i))
+        ref, _ = plain_generate(target, prompt, 30)
+        out, stats = decoder(target, strategy, near, 1.0, prompt).generate(prompt, 30)
+        assert out == ref, f"prompt {i}"
+        accepted += stats.accepted
+    assert accepted > 0  # the test exercised acceptance, not only rejection
+
+
+def test_perfect_drafter_accepts_whole_chains():
+    target = tiny()
+    prompt = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(0))
+    out, stats = decoder(target, Chain(4), target, 0.0, prompt).generate(prompt, 41)
+    assert stats.tau == 4.0 and stats.steps == 8 and len(out) == 41
+
+
+def test_hf_llama_target_with_the_eagle_head():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    target = LlamaForCausalLM(cfg).eval()
+    head = EagleDraftHead(head_config(cfg)).eval()
+    for i in range(3):
+        prompt = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(i))
+        ref, _ = plain_generate(target, prompt, 25)
+        for strategy in (Chain(3), Eagle2(total_tokens=16, depth=4, top_k=4)):
+            out, _ = SpeculativeDecoder(target, head, strategy).generate(prompt, 25)
+            assert out == ref
+            out, _ = decoder(target, strategy, target, 1.0, prompt).generate(prompt, 25)
+            assert out == ref
+
+
+def test_eos_and_max_new_tokens_are_respected():
+    target = tiny()
+    prompt = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(4))
+    ref, _ = plain_generate(target, prompt, 40)
+    eos = ref[17]
+    ref_eos, _ = plain_generate(target, prompt, 40, eos_token_id=eos)
+    out, _ = decoder(target, Eagle2(12, 4, 3), target, 0.5, prompt).generate(prompt, 40, eos_token_id=eos)
+    assert out == ref_eos and out[-1] == eos
+    out, _ = decoder(target, Chain(6), target, 0.0, prompt).generate(prompt, 9)
+    assert out == ref[:9]
+
+
+def test_eagle2_tree_is_connected_and_ranked():
+    class Fixed:
+        def __init__(self):
+            self.gen = torch.Generator().manual_seed(0)
+
+        def root(self):
+            return torch.log_softmax(torch.randn(V, generator=self.gen) * 3, -1)
+
+        def expand(self, nodes, tokens, parents):
+            return torch.log_softmax(torch.randn(len(nodes), V, generator=self.gen) * 3, -1)
+
+    tree = Eagle2(total_tokens=30, depth=5, top_k=4).grow(Fixed(), 7)
+    tree.check()
+    assert len(tree) == 30 and tree.tokens[0] == 7
+    depths = tree.depths()
+    assert max(depths) <= 5
+    for i in range(1, len(tree)):
+        assert tree.logp[i] <= tree.logp[tree.parents[i]] + 1e-6
+    mask = tree.ancestor_mask()
+    assert all(int(mask[i].sum()) == depths[i] + 1 for i in range(len(tree)))
+
+
+def test_greedy_accept_follows_argmax():
+    tree = TokenTree([5, 1, 2, 3, 4], [-1, 0, 0, 2, 2], [0.0] * 5)
+    logits = torch.full((5, 8), -10.0)
+    logits[0, 2] = 5  # root -> node 2 (token 2)
+    logits[2, 4] = 5  # node 2 -> node 4 (token 4)
+    logits[4, 6] = 5  # bonus 6
+    assert greedy_accept(tree, logits) == ([0, 2, 4], 6)
+
+
+def test_tree_rejection_sampling_preserves_the_target_distribution():
+    """One verification step, many trials: the first emitted token's frequencies must match p (chi-square)."""
+    torch.manual_seed(0)
+    vocab = 6
+    logits = torch.randn(4, vocab) * 1.5
+    tree = TokenTree([0, 2, 3, 2], [-1, 0, 0, 1], [0.0] * 4)  # root children: tokens 2, 3
+    p = process_logits(logits[0], 0.8)
+    gen = torch.Generator().manual_seed(1)
+    n = 20000
+    counts = Counter()
+    for _ in range(n):
+        path, bonus = sample_accept(tree, logits, 0.8, generator=gen)
+        first = tree.tokens[path[1]] if len(path) > 1 else bonus
+        counts[first] += 1
+    chi2 = sum((counts[x] - n * p[x].item()) ** 2 / (n * p[x].item()) for x in range(vocab))
+    assert chi2 < 20.5  # 99.9% quantile of chi-square with 5 degrees of freedom
+
+
+def test_sampled_speculative_decoding_matches_plain_sampling():
+    """Whole generations of 3 tokens: the joint distribution under tree sampling equals plain sampling."""
+    target = tiny(seed=1)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.0).add_(torch.randn_like(target.lm_head.weight) * 0.02)
+    prompt = torch.tensor([[1, 2, 3]])
+    n = 600
+    spec, plain = Counter(), Counter()
+    dec = decoder(target, Eagle2(total_tokens=8, depth=3, top_k=2), target, 0.3, prompt)
+    for s in range(n):
+        out, _ = dec.generate(prompt, 2, temperature=1.0, top_k=3, seed=s)
+        spec[tuple(out)] += 1
+        out, _ = plain_generate(target, prompt, 2, temperature=1.0, top_k=3, seed=10_000 + s)
+        plain[tuple(out)] += 1
+    keys = set(spec) | set(plain)
+    # two-sample chi-square on the joint outcomes (<= 9 of them with top_k=3)
+    chi2 = sum((spec[k] - plain[k]) ** 2 / (spec[k] + plain[k]) for k in keys)
+    assert chi2 < 27.9  # 99.9% quantile, 8 degrees of freedom
+    assert len(spec) >= 5  # really random
+
+
+def test_process_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(process_logits(logits, 1.0, top_k=2), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(process_logits(logits, 1.0, top_p=0.75), torch.tensor([0.625, 0.375, 0, 0]))
+    assert math.isclose(float(process_logits(logits, 1.0, top_p=0.81).sum()), 1.0, rel_tol=1e-6)
+    assert int((process_logits(logits, 1.0, top_p=0.81) > 0).sum()) == 3
+
+
+def test_asa_target_refuses_trees_but_chain_drafting_works():
+    torch.manual_seed(0)
+    cfg = LeanLMConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, attention="asa", nsa_window=32,
+                       nsa_select_count=4)
+    target = LeanLMForCausalLM(cfg).eval()
+    prompt = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(0))
+    ref, _ = plain_generate(target, prompt, 20)
+    with pytest.raises(ValueError, match="chain"):
+        decoder(target, Eagle2(8, 3, 2), target, 0.5, prompt).generate(prompt, 20)
+    out, _ = decoder(target, Chain(4), target, 0.5, prompt).generate(prompt, 20)
+    assert out == ref
+
+
+def test_cli_generate_with_a_saved_draft_head(tiny_config, tmp_path, capsys):
+    from leanlm.cli import main
+    from leanlm.runconfig import build_run_config
+    from leanlm.train import Trainer
+
+    trainer = Trainer(build_run_config(tiny_config(max_steps=2, ckpt_every=2, eval_every=0)))
+    trainer.fit()
+    ckpt = str(trainer.ckpt_dir / "step-00000002")
+    head = EagleDraftHead(head_config(trainer.model.config))
+    head.save(tmp_path / "head", meta={"note": "untrained, for the test"})
+    args = ["generate", ckpt, "--prompt", "the king", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out.strip()
+    assert main(args + ["--spec", "eagle2", "--draft", str(tmp_path / "head")]) == 0
+    out = capsys.readouterr().out
+    assert out.split("\n[eagle2")[0].strip() == plain  # lossless: the same text
+    assert "tau" in out
+    assert main(args + ["--spec", "eagle2"]) == 2
+    assert "--draft" in capsys.readouterr().err
+    assert main(args + ["--spec", "chain", "--draft", str(tmp_path)]) == 2
+    assert "not a draft head" in capsys.readouterr().err
