@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from leanlm.cli import main
@@ -112,5 +113,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                  "WISCA: 1 output-preserving", "ASA layers (0: local, 1: global"):
         assert step in out
     assert 1 < result["val_ppl"] < 10_000 and result["sample"].startswith("KING HENRY.")
+    assert result["val_ppl"] == pytest.approx(result["trained_val_ppl"], rel=1e-4)  # reloaded == trained
     assert result["cache_bytes_measured"] == result["cache_bytes_accounted"] > 0
     assert 0.4 < result["asa_vs_nsa_128k"] < 0.7

@@ -65,8 +65,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
 
     _banner(3, "evaluate: reload the checkpoint and measure validation perplexity")
     model, tokenizer = load_model_and_tokenizer(str(ckpt))
-    # The same 160 validation windows as the trainer's evaluation, so the reloaded model must match it.
-    ev = validation_perplexity(model, run.to_dict(), batches=2 * run.train.eval_batches)
+    # The same validation windows as the trainer's final evaluation, so the reloaded model must match it.
+    ev = validation_perplexity(model, run.to_dict(), batches=run.train.eval_batches, batch_size=run.train.batch_size)
     print(f"{ckpt}: validation perplexity {ev['val_ppl']:.1f} over {ev['tokens']:,} held-out tokens")
 
     _banner(4, "generate: sample a continuation")
@@ -78,7 +78,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
     _banner(5, "kv cache: what ASA holds, measured and accounted")
     kv = _kv_cache_step(model, tokenizer, text)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s")
-    return {"val_ppl": ev["val_ppl"], "sample": text, "checkpoint": str(ckpt), **kv}
+    return {"val_ppl": ev["val_ppl"], "trained_val_ppl": metrics["val_ppl"], "sample": text, "checkpoint": str(ckpt),
+            **kv}
 
 
 def _kv_cache_step(model, tokenizer, text: str) -> dict:
