@@ -5,6 +5,7 @@
     leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
                     [--spec chain|static|eagle2 --draft HEAD]
     leanlm wisca CHECKPOINT OUT [--qk tensor --vo tensor --norm l1 --ffn]
+    leanlm spec train-draft TARGET --out DIR [--prompts N --max-new-tokens N --epochs E]
     leanlm kv-report CONFIG [--context 8k,32k,128k]
     leanlm demo [--out DIR --steps N]
 
@@ -180,6 +181,44 @@ def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace)
     return args.prompt + tokenizer.decode(done, skip_special_tokens=True)
 
 
+def cmd_spec_train_draft(args: argparse.Namespace) -> int:
+    """Answer prompts with the target, collect its features, train an EAGLE head, save it (atomically)."""
+    from leanlm.spec.draft import EagleDraftHead, head_config
+    from leanlm.spec.train_draft import (DraftTrainConfig, build_sequences, collect_features, draft_prompts,
+                                         train_head)
+
+    if args.prompts <= 0 or args.max_new_tokens <= 0 or args.epochs <= 0:
+        raise LeanLMError("--prompts, --max-new-tokens and --epochs must be > 0. Fix: e.g. --prompts 2000")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
+    path = args.target
+    if path == "smollm2":
+        from leanlm.pretrained import smollm2_135m_instruct
+
+        path = str(smollm2_135m_instruct())
+    import torch
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(path)
+    prompts = draft_prompts(args.prompts, args.seed)
+    t = time.perf_counter()
+    seqs = build_sequences(model, tokenizer, prompts, args.max_new_tokens)
+    data = collect_features(model, seqs)
+    print(f"{len(seqs)} sequences, {sum(len(s) for s in seqs):,} tokens of target features "
+          f"({time.perf_counter() - t:.0f}s)")
+    head = EagleDraftHead(head_config(model.config))
+    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    logs = train_head(head, model.get_input_embeddings(), model.get_output_embeddings(), data, cfg)
+    last = logs[-1]
+    head.save(out, meta={"target": args.target, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+                         "epochs": args.epochs, "lr": args.lr, "seed": args.seed, "final_train": last,
+                         "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])})
+    print(f"draft head saved to {out}: final training next-token accuracy {last['acc']:.3f}, "
+          f"feature loss {last['reg']:.4f}")
+    return 0
+
+
 def cmd_wisca(args: argparse.Namespace) -> int:
     import shutil
 
@@ -282,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--rope-pairs", default="half", help="half (HF rotate_half) | interleaved")
     w.add_argument("--overwrite", action="store_true")
     w.set_defaults(func=cmd_wisca)
+
+    sp = sub.add_parser("spec", help="speculative decoding: train a draft head")
+    ssub = sp.add_subparsers(dest="spec_command", required=True)
+    td = ssub.add_parser("train-draft", help="train an EAGLE draft head on the target's own answers")
+    td.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
+    td.add_argument("--out", required=True, help="folder for the head (draft_config.json + model.safetensors)")
+    td.add_argument("--prompts", type=int, default=2000)
+    td.add_argument("--max-new-tokens", type=int, default=128)
+    td.add_argument("--epochs", type=int, default=2)
+    td.add_argument("--lr", type=float, default=1e-3)
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--overwrite", action="store_true")
+    td.set_defaults(func=cmd_spec_train_draft)
 
     k = sub.add_parser("kv-report", help="KV-cache bytes per token and per sequence, against GQA/MLA/GLA/NSA/ASA")
     k.add_argument("config", help="run config (YAML path or shipped name) or a saved model folder")
