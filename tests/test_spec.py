@@ -3,6 +3,7 @@ greedy decoding; sampling: the same distribution as plain sampling), for leanlm 
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -295,3 +296,27 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
     assert main(["spec", "train-draft", ckpt, "--out", str(head), "--prompts", "6"]) == 2  # no silent overwrite
     assert main(["generate", ckpt, "--prompt", "the", "--max-new-tokens", "8", "--temperature", "0", "--spec",
                  "chain", "--draft", str(head)]) == 0
+
+
+def test_spec_bench_on_a_tiny_target(tiny_config, tmp_path, capsys):
+    from leanlm.cli import main
+    from leanlm.runconfig import build_run_config
+    from leanlm.spec.bench import load_prompts
+    from leanlm.train import Trainer
+
+    assert len(load_prompts("mtbench")) == 80 and len(load_prompts("humaneval")) == 164
+    assert len(load_prompts("gsm8k")) == 1319
+    trainer = Trainer(build_run_config(tiny_config(max_steps=2, ckpt_every=2, eval_every=0)))
+    trainer.fit()
+    ckpt = str(trainer.ckpt_dir / "step-00000002")
+    EagleDraftHead(head_config(trainer.model.config)).save(tmp_path / "head")
+    out = tmp_path / "bench.json"
+    assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--prompts", "mtbench,gsm8k", "--limit",
+                 "2", "--max-new-tokens", "6", "--strategies", "chain,eagle2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["prompts"], r["strategy"]) for r in rows] == [
+        ("mtbench", "none"), ("mtbench", "chain"), ("mtbench", "eagle2"),
+        ("gsm8k", "none"), ("gsm8k", "chain"), ("gsm8k", "eagle2")]
+    assert all(r["identical_outputs"] == 2 for r in rows if r["strategy"] != "none")
+    assert out.with_suffix(".png").exists() and "speed-up" in out.with_suffix(".md").read_text()
+    assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--prompts", "alpaca"]) == 2

@@ -219,6 +219,38 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec_bench(args: argparse.Namespace) -> int:
+    """Speculative decoding vs plain decoding on held-out prompt sets (table, JSON, plot)."""
+    from leanlm.spec.bench import PROMPT_SETS, load_prompts, markdown, run_bench
+    from leanlm.spec.draft import EagleDraftHead
+    from leanlm.spec.tree import make_strategy
+
+    sets = [s.strip() for s in args.prompts.split(",") if s.strip()]
+    bad = [s for s in sets if s not in PROMPT_SETS]
+    if bad or not sets:
+        raise LeanLMError(f"--prompts: unknown set(s) {bad}. Fix: use some of {', '.join(PROMPT_SETS)}")
+    strategies = {name: make_strategy(name) for name in args.strategies.split(",")}
+    path = args.target
+    if path == "smollm2":
+        from leanlm.pretrained import smollm2_135m_instruct
+
+        path = str(smollm2_135m_instruct())
+    model, tokenizer = load_model_and_tokenizer(path)
+    head, _ = EagleDraftHead.load(args.draft, model.config)
+    rows = run_bench(model, tokenizer, head, strategies, {s: load_prompts(s, args.limit) for s in sets},
+                     args.max_new_tokens)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(json.dumps({"args": vars(args) | {"func": None}, "rows": rows}, indent=1, default=str))
+        out.with_suffix(".md").write_text(table + "\n")
+        from leanlm.plots import bar_chart
+
+        bar_chart(out.with_suffix(".png"), rows)
+    return 0
+
+
 def cmd_wisca(args: argparse.Namespace) -> int:
     import shutil
 
@@ -334,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=cmd_spec_train_draft)
+
+    sb = ssub.add_parser("bench", help="speculative vs plain decoding on MT-bench / GSM8K / HumanEval prompts")
+    sb.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
+    sb.add_argument("--draft", required=True)
+    sb.add_argument("--prompts", default="mtbench,gsm8k,humaneval")
+    sb.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    sb.add_argument("--strategies", default="chain,static,eagle2")
+    sb.add_argument("--max-new-tokens", type=int, default=128)
+    sb.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it)")
+    sb.set_defaults(func=cmd_spec_bench)
 
     k = sub.add_parser("kv-report", help="KV-cache bytes per token and per sequence, against GQA/MLA/GLA/NSA/ASA")
     k.add_argument("config", help="run config (YAML path or shipped name) or a saved model folder")
