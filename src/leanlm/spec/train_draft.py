@@ -6,8 +6,8 @@ keeps its last-layer features (fp16) with the tokens.
 
 Loss (EAGLE-1): for pair j = (feature j, token j+1) the head predicts feature j+1; regression loss smooth-L1 against
 the target's feature, plus `cls_weight` (0.1) times the cross-entropy of the LM head's prediction for token j+2.
-Uniform noise of `noise` (0.1, EAGLE's U(-0.1, 0.1)... scaled to the feature RMS) on the input features makes the
-head robust to its own errors at draft time.
+Uniform noise U(-a, a) on the input features, with a = `noise` (0.1, EAGLE's value) times the features' RMS, makes
+the head robust to its own errors at draft time.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = [(t[: cfg.max_len], f[: cfg.max_len]) for t, f in data if len(t) >= 3]
-    steps_per_epoch = max(1, sum(len(t) for t, _ in data) // cfg.batch_tokens)
+    steps_per_epoch = max(1, math.ceil(sum(len(t) for t, _ in data) / cfg.batch_tokens))  # batches hold >= batch_tokens
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
