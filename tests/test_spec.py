@@ -301,7 +301,7 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
 def test_spec_bench_on_a_tiny_target(tiny_config, tmp_path, capsys):
     from leanlm.cli import main
     from leanlm.runconfig import build_run_config
-    from leanlm.spec.bench import load_prompts
+    from leanlm.spec.prompts import load_prompts
     from leanlm.train import Trainer
 
     assert len(load_prompts("mtbench")) == 80 and len(load_prompts("humaneval")) == 164

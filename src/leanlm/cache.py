@@ -106,9 +106,6 @@ class WindowBuffer:
         self.start += drop
         return full, first
 
-    def view(self) -> tuple[torch.Tensor | None, int]:
-        return self.data, self.start
-
     def crop(self, length: int) -> None:
         if length >= self.length:
             return

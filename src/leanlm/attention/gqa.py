@@ -61,14 +61,24 @@ class GroupedQueryAttention(Attention):
     def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
         return 2 * config.num_key_value_heads * config.head_dim * context * dtype_bytes
 
-    def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
-                attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: Positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], with RoPE applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         cos, sin = positions.cos_sin(self.head_dim, self.config.rope_theta, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs [B, H, T, D] -> [B, T, C]."""
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        t = x.shape[1]
+        q, k, v = self.project(x, positions)
         if cache is not None:
             k, v = cache.state(self.layer_idx, KVState).append(k, v)  # [B, Hkv, S, D]
         s = k.shape[2]
@@ -78,4 +88,4 @@ class GroupedQueryAttention(Attention):
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and t > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.output(out)

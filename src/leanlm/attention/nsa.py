@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from leanlm.attention import sparse as ops
-from leanlm.attention.base import Attention, require_unpadded
-from leanlm.attention.gqa import KVState
+from leanlm.attention.base import require_unpadded
+from leanlm.attention.gqa import GroupedQueryAttention, KVState
 from leanlm.attention.registry import register_attention
 from leanlm.cache import GrowingBuffer, LeanCache, WindowBuffer
 from leanlm.errors import ConfigError
-from leanlm.rope import Positions, apply_rope
+from leanlm.rope import Positions
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -216,18 +216,12 @@ def mix_branches(outs: dict[str, torch.Tensor], gates: torch.Tensor | None) -> t
 
 
 @register_attention("nsa")
-class NativeSparseAttention(Attention):
-    """NSA on GQA projections (q/k/v/o names as in Llama): compression + selection + sliding window, gated."""
+class NativeSparseAttention(GroupedQueryAttention):
+    """NSA on GQA projections (q/k/v/o as in Llama, inherited): compression + selection + sliding window, gated."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                            config.head_dim)
-        c, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(c, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(c, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(c, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c, bias=bias)
+        c = config.hidden_size
         self.gate_proj = nn.Linear(c, len(BRANCHES) * self.num_heads) if config.nsa_gates else None
         self.sparse = SparseBranches(config, layer_idx, self.head_dim, self.head_dim, self.num_kv_heads, BRANCHES)
 
@@ -243,7 +237,7 @@ class NativeSparseAttention(Attention):
 
     @classmethod
     def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
-        kv = 2 * config.num_key_value_heads * config.head_dim * context * dtype_bytes
+        kv = super().cache_bytes(config, layer_idx, context, dtype_bytes)
         return kv + SparseBranches.state_bytes(config, layer_idx, context, config.num_key_value_heads,
                                                config.head_dim, config.head_dim, dtype_bytes)
 
@@ -253,12 +247,8 @@ class NativeSparseAttention(Attention):
     def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
         require_unpadded(attention_mask, "nsa")
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        cos, sin = positions.cos_sin(self.head_dim, self.config.rope_theta, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        t = x.shape[1]
+        q, k, v = self.project(x, positions)  # [B, H, T, D], [B, Hkv, T, D] x 2
         state = None
         if cache is not None:
             st = cache.state(self.layer_idx, self._new_state)
@@ -267,5 +257,4 @@ class NativeSparseAttention(Attention):
         s = k.shape[2]
         q_pos = torch.arange(s - t, s, device=x.device)
         outs = self.sparse(q, k, v, q_pos, 0, state, self.head_dim ** -0.5)
-        o = mix_branches(outs, self.gate_proj(x) if self.gate_proj is not None else None)  # [B, H, T, D]
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.output(mix_branches(outs, self.gate_proj(x) if self.gate_proj is not None else None))

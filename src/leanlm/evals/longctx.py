@@ -108,17 +108,13 @@ class Generator:
             question, answer = "What is the pass key? The pass key is", f" {key}"
         elif task == "niah_single":
             key = num(7)
-            needles = [f"One of the special magic numbers for {words[0]} is: {key}."]
-            question = f"What is the special magic number for {words[0]} mentioned in the provided text? " \
-                       f"The special magic number for {words[0]} mentioned in the provided text is"
-            answer = f" {key}"
+            needles = [_magic_needle(words[0], key)]
+            question, answer = _magic_question(words[0]), f" {key}"
         elif task == "niah_multikey":
             keys = [num(7) for _ in range(4)]
-            needles = [f"One of the special magic numbers for {w} is: {k}." for w, k in zip(words, keys)]
+            needles = [_magic_needle(w, k) for w, k in zip(words, keys)]
             ask = rng.randrange(4)
-            question = f"What is the special magic number for {words[ask]} mentioned in the provided text? " \
-                       f"The special magic number for {words[ask]} mentioned in the provided text is"
-            answer = f" {keys[ask]}"
+            question, answer = _magic_question(words[ask]), f" {keys[ask]}"
         elif task == "mqar":
             vals = [num(4) for _ in range(6)]
             needles = [f"{w}: {v}." for w, v in zip(words, vals)]
@@ -147,6 +143,16 @@ class Generator:
 
     def samples(self, task: str, length: int, n: int, seed: int = 0) -> list[Sample]:
         return [self.sample(task, length, seed * 100_003 + i) for i in range(n)]
+
+
+def _magic_needle(word: str, number: str) -> str:
+    return f"One of the special magic numbers for {word} is: {number}."
+
+
+def _magic_question(word: str) -> str:
+    """RULER's S-NIAH/MK-NIAH question, ending where the number is to be continued."""
+    return (f"What is the special magic number for {word} mentioned in the provided text? "
+            f"The special magic number for {word} mentioned in the provided text is")
 
 
 def evaluate_longctx(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 0,

