@@ -107,7 +107,7 @@ def test_bad_corpus_fails_before_any_work(tiny_config, tmp_path, capsys):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from leanlm.demo import run_demo
 
-    result = run_demo(out_dir=str(tmp_path / "demo"), steps=4)
+    result = run_demo(out_dir=str(tmp_path / "demo"), steps=4, spec_prompts=1, spec_tokens=12)
     out = capsys.readouterr().out
     for step in ("[1] data", "[2] train", "[3] evaluate", "[4] generate", "[5] kv cache",
                  "WISCA: 1 output-preserving", "ASA layers (0: local, 1: global"):
@@ -116,3 +116,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert result["val_ppl"] == pytest.approx(result["trained_val_ppl"], rel=1e-4)  # reloaded == trained
     assert result["cache_bytes_measured"] == result["cache_bytes_accounted"] > 0
     assert 0.4 < result["asa_vs_nsa_128k"] < 0.7
+    if result["spec"]:  # assets/ holds the SmolLM2 draft head and C2T classifier
+        assert "[6] speculate" in out
+        assert result["spec"]["eagle2"]["identical"] == result["spec"]["c2t"]["identical"] == 1

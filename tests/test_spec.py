@@ -320,3 +320,71 @@ def test_spec_bench_on_a_tiny_target(tiny_config, tmp_path, capsys):
     assert all(r["identical_outputs"] == 2 for r in rows if r["strategy"] != "none")
     assert out.with_suffix(".png").exists() and "speed-up" in out.with_suffix(".md").read_text()
     assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--prompts", "alpaca"]) == 2
+
+
+def tiny_gemma3(sliding_window: int = 4):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=sliding_window,
+                           layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("strategy", [Chain(3), Eagle2(total_tokens=16, depth=4, top_k=4)], ids=lambda s: s.name)
+def test_gemma3_target_with_sliding_window_layers(strategy):
+    """Gemma-3's architecture (sliding-window layers interleaved with global ones, scaled embeddings, one KV head):
+    speculative greedy output equals plain greedy output past the window."""
+    target = tiny_gemma3()
+    head = EagleDraftHead(head_config(target.config)).eval()
+    for i in range(3):
+        prompt = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(i))
+        ref, _ = plain_generate(target, prompt, 24)
+        out, _ = decoder(target, strategy, target, 1.0, prompt).generate(prompt, 24)
+        assert out == ref
+        out, _ = SpeculativeDecoder(target, head, strategy).generate(prompt, 24)
+        assert out == ref
+
+
+class _Tok:
+    """The slice of a tokenizer the draft-data pipeline uses: no chat template, ids from text, EOS."""
+
+    chat_template = None
+    pad_token_id = None
+
+    def __init__(self, eos: int | None):
+        self.eos_token_id = eos
+
+    def __call__(self, text):
+        return {"input_ids": [int(x) % V for x in text.split()]}
+
+
+def test_answers_with_features_equal_greedy_and_teacher_forcing(tmp_path):
+    """One generation pass gives what plain greedy decoding answers and what a teacher-forced pass computes; the
+    cache on disk resumes and refuses other settings."""
+    from leanlm.errors import LeanLMError
+    from leanlm.spec.train_draft import (answer_with_features, build_feature_cache, collect_features,
+                                         load_feature_cache)
+
+    target = tiny()
+    prompts = ["1 2 3", "4 5 6 7 8 9 10", "11 12", "13 14 15 16"]
+    ref0, _ = plain_generate(target, torch.tensor([[1, 2, 3]]), 12)
+    eos = ref0[4]  # some prompts stop early, some do not
+    rows = sorted(answer_with_features(target, _Tok(eos), prompts, 12, batch_size=3, progress=False))
+    forced = collect_features(target, [r[1].tolist() for r in rows], progress=False)
+    for (i, tokens, feats, p), (_, ref_feats) in zip(rows, forced):
+        prompt = [int(x) % V for x in prompts[i].split()]
+        answer, _ = plain_generate(target, torch.tensor([prompt]), 12, eos_token_id=eos)
+        assert p == len(prompt) and tokens.tolist() == prompt + answer
+        assert torch.allclose(feats.float(), ref_feats.float(), atol=2e-2, rtol=1e-2)
+    folder = tmp_path / "cache"
+    build_feature_cache(target, _Tok(eos), prompts, folder, 12, batch_size=2, shard_prompts=3, progress=False)
+    data = load_feature_cache(folder)
+    assert [d[0].tolist() for d in data] == [r[1].tolist() for r in rows]
+    (folder / "shard-00001.safetensors").unlink()  # an interrupted run: the next one rebuilds only what is missing
+    build_feature_cache(target, _Tok(eos), prompts, folder, 12, batch_size=2, shard_prompts=3, progress=False)
+    assert len(load_feature_cache(folder)) == 4
+    with pytest.raises(LeanLMError, match="other settings"):
+        build_feature_cache(target, _Tok(eos), prompts, folder, 8, progress=False)

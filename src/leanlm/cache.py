@@ -69,6 +69,15 @@ class GrowingBuffer:
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
 
+    def gather(self, index: torch.Tensor) -> None:
+        """Per batch row, keep the tokens `index[b]` [B, C] (row b's stored tokens, in the order given): batched
+        speculative decoding compacts each row's accepted tokens this way."""
+        if self.data is not None:
+            d = self.data[:, :, : self.length]
+            idx = index.to(d.device)[:, None, :, None].expand(d.shape[0], d.shape[1], index.shape[1], d.shape[3])
+            self.data = torch.gather(d, 2, idx)
+        self.length = index.shape[1]
+
     def select(self, index: torch.Tensor) -> None:
         if self.data is not None:
             self.data = self.data.index_select(0, index.to(self.data.device))
@@ -164,6 +173,17 @@ class LeanCache:
         for st in self.layers:
             if st is not None:
                 st.select(index)
+
+    def gather(self, index: torch.Tensor) -> None:
+        """Per batch row b keep the cached tokens `index[b]` [B, C] (batched tree verification). Full-attention
+        states only, like `keep`."""
+        for st in self.layers:
+            if st is None:
+                continue
+            if not hasattr(st, "gather"):
+                raise NotImplementedError(f"{type(st).__name__} cannot keep per-row token subsets; batched "
+                                          "speculative decoding needs full-attention layers (GQA, MLA, GLA)")
+            st.gather(index)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Beam-search hook used by `generate()`."""

@@ -3,9 +3,12 @@
     leanlm train CONFIG [--set section.key=value ...]
     leanlm eval CHECKPOINT [--batches N] [--tasks hellaswag,piqa,... --limit N --out FILE.json]
     leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
-                    [--spec chain|static|eagle2 --draft HEAD]
+                    [--spec chain|static|eagle2|c2t --draft HEAD --classifier C2T --beta B]
     leanlm wisca CHECKPOINT OUT [--qk tensor --vo tensor --norm l1 --ffn]
-    leanlm spec train-draft TARGET --out DIR [--prompts N --max-new-tokens N --epochs E]
+    leanlm spec train-draft TARGET --out DIR [--prompts N --max-new-tokens N --epochs E --stage all|data|train]
+    leanlm spec bench TARGET --draft HEAD [--prompts mtbench,gsm8k,humaneval --strategies chain,eagle2,c2t:beta=0.5]
+    leanlm spec c2t-collect TARGET --draft HEAD --out FILE [--prompts N --top-k 10 --depth 10]
+    leanlm spec c2t-train FILE --out DIR [--neg-ratio R --epochs E]
     leanlm kv-report CONFIG [--context 8k,32k,128k]
     leanlm demo [--out DIR --steps N]
 
@@ -34,7 +37,8 @@ def _offline() -> None:
 
 def load_model_and_tokenizer(path: str, device: str = "cpu"):
     """A leanlm checkpoint or any local Hugging Face causal-LM folder, with its tokenizer (offline only).
-    `smollm2` names the bundled SmolLM2-135M-Instruct (converted on first use, see `leanlm.pretrained`)."""
+    `smollm2` names the bundled SmolLM2-135M-Instruct and `gemma3` the optional Gemma-3-270M (converted on first use,
+    see `leanlm.pretrained`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import leanlm.model  # noqa: F401  (registers the leanlm model type with the Auto classes)
@@ -44,6 +48,10 @@ def load_model_and_tokenizer(path: str, device: str = "cpu"):
         from leanlm.pretrained import smollm2_135m_instruct
 
         path = str(smollm2_135m_instruct())
+    elif path == "gemma3":
+        from leanlm.pretrained import gemma3_270m
+
+        path = str(gemma3_270m())
     check_checkpoint(Path(path), need_trainer_state=False)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -146,11 +154,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.spec != "none" and not args.draft:
         raise LeanLMError(f"--spec {args.spec} needs a draft head. Fix: pass --draft PATH (a folder written by "
                           "EagleDraftHead.save), or --spec none")
+    if args.spec == "c2t" and not args.classifier:
+        raise LeanLMError("--spec c2t needs a classifier. Fix: pass --classifier DIR (written by "
+                          "`leanlm spec c2t-train`)")
     if args.spec != "none":
+        import leanlm.spec.c2t  # noqa: F401  (registers the c2t strategy)
         from leanlm.spec.draft import EagleDraftHead
         from leanlm.spec.tree import make_strategy
 
-        strategy = make_strategy(args.spec)  # unknown names fail here, before loading anything
+        kw = {"classifier": args.classifier, "beta": args.beta} if args.spec == "c2t" else {}
+        strategy = make_strategy(args.spec, **kw)  # unknown names and bad files fail here, before loading a model
         model, tokenizer = load_model_and_tokenizer(args.checkpoint)
         head, _ = EagleDraftHead.load(args.draft, model.config)
         speculative_text(model, tokenizer, head, strategy, args)
@@ -187,34 +200,52 @@ def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace)
 
 
 def cmd_spec_train_draft(args: argparse.Namespace) -> int:
-    """Answer prompts with the target, collect its features, train an EAGLE head, save it (atomically)."""
+    """Answer prompts with the target into a feature cache on disk, train an EAGLE head on it, save it
+    (atomically)."""
     from leanlm.spec.draft import EagleDraftHead, head_config
-    from leanlm.spec.prompts import draft_prompts
-    from leanlm.spec.train_draft import DraftTrainConfig, build_sequences, collect_features, train_head
+    from leanlm.spec.prompts import DRAFT_MIXES, draft_prompts
+    from leanlm.spec.train_draft import DraftTrainConfig, build_feature_cache, load_feature_cache, train_head
 
-    if args.prompts <= 0 or args.max_new_tokens <= 0 or args.epochs <= 0:
-        raise LeanLMError("--prompts, --max-new-tokens and --epochs must be > 0. Fix: e.g. --prompts 2000")
+    if args.prompts <= 0 or args.max_new_tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
+        raise LeanLMError("--prompts, --max-new-tokens, --epochs and --batch-size must be > 0. Fix: e.g. "
+                          "--prompts 2000")
+    if args.mix not in DRAFT_MIXES:
+        raise LeanLMError(f"--mix {args.mix!r} is unknown. Fix: use one of {', '.join(DRAFT_MIXES)}")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if args.stage != "data" and out.exists() and any(out.iterdir()) and not args.overwrite:
         raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
+    data_dir = Path(args.data) if args.data else out.parent / (out.name + "-data")
+    if args.stage == "train" and not any(data_dir.glob("shard-*.safetensors")):
+        raise LeanLMError(f"--stage train needs feature shards in {data_dir}. Fix: run --stage data first or pass "
+                          "the --data folder that holds them")
     import torch
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.target)
-    prompts = draft_prompts(args.prompts, args.seed)
     t = time.perf_counter()
-    seqs = build_sequences(model, tokenizer, prompts, args.max_new_tokens)
-    data = collect_features(model, seqs)
-    print(f"{len(seqs)} sequences, {sum(len(s) for s in seqs):,} tokens of target features "
-          f"({time.perf_counter() - t:.0f}s)")
+    if args.stage in ("all", "data"):
+        prompts = draft_prompts(args.prompts, args.seed, args.mix)
+        model.to(getattr(torch, args.data_dtype))
+        build_feature_cache(model, tokenizer, prompts, data_dir, args.max_new_tokens, args.batch_size)
+        model.to(torch.float32)
+    data = load_feature_cache(data_dir)
+    answers = sum(len(d[0]) - d[2] for d in data)
+    print(f"feature cache {data_dir}: {len(data)} sequences, {sum(len(d[0]) for d in data):,} tokens "
+          f"({answers:,} answer tokens) ({time.perf_counter() - t:.0f}s)")
+    if args.stage == "data":
+        return 0
     head = EagleDraftHead(head_config(model.config))
-    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
+                           batch_tokens=args.batch_tokens, max_context=args.max_context)
     logs = train_head(head, model.get_input_embeddings(), model.get_output_embeddings(), data, cfg)
     last = logs[-1]
-    head.save(out, meta={"target": args.target, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
-                         "epochs": args.epochs, "lr": args.lr, "seed": args.seed, "final_train": last,
-                         "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])})
-    print(f"draft head saved to {out}: final training next-token accuracy {last['acc']:.3f}, "
+    head.save(out, meta={"target": args.target, "prompts": args.prompts, "mix": args.mix,
+                         "max_new_tokens": args.max_new_tokens, "data_dtype": args.data_dtype,
+                         "sequences": len(data), "answer_tokens": answers, "epochs": args.epochs, "lr": args.lr,
+                         "steps": len(logs), "seed": args.seed, "final_train": last,
+                         "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])},
+              dtype=torch.float16 if args.save_fp16 else None)
+    print(f"draft head saved to {out}: {len(logs)} steps, final training next-token accuracy {last['acc']:.3f}, "
           f"feature loss {last['reg']:.4f}")
     return 0
 
@@ -224,13 +255,21 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     from leanlm.spec.bench import markdown, run_bench
     from leanlm.spec.prompts import PROMPT_SETS, load_prompts
     from leanlm.spec.draft import EagleDraftHead
-    from leanlm.spec.tree import make_strategy
+    from leanlm.spec.tree import parse_strategy
 
     sets = [s.strip() for s in args.prompts.split(",") if s.strip()]
     bad = [s for s in sets if s not in PROMPT_SETS]
     if bad or not sets:
         raise LeanLMError(f"--prompts: unknown set(s) {bad}. Fix: use some of {', '.join(PROMPT_SETS)}")
-    strategies = {name: make_strategy(name) for name in args.strategies.split(",")}
+    import leanlm.spec.c2t  # noqa: F401  (registers the c2t strategy)
+
+    specs = [x for x in args.strategies.split(",") if x.strip()]
+    if any(x.split(":")[0] == "c2t" for x in specs) and not args.classifier:
+        raise LeanLMError("--strategies c2t needs a classifier. Fix: pass --classifier DIR")
+    try:
+        strategies = {x: parse_strategy(x, classifier=args.classifier) for x in specs}
+    except (ValueError, TypeError) as e:
+        raise LeanLMError(f"--strategies: {e}. Fix: e.g. --strategies chain,eagle2:total_tokens=30,c2t:beta=0.5")
     model, tokenizer = load_model_and_tokenizer(args.target)
     head, _ = EagleDraftHead.load(args.draft, model.config)
     rows = run_bench(model, tokenizer, head, strategies, {s: load_prompts(s, args.limit) for s in sets},
@@ -244,6 +283,62 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         from leanlm.plots import bar_chart
 
         bar_chart(out.with_suffix(".png"), rows)
+    return 0
+
+
+def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
+    """Full EAGLE-2 trees on training prompts, every node verified; features + labels to one file."""
+    from leanlm.spec.c2t import collect_trees, save_rows
+    from leanlm.spec.draft import EagleDraftHead
+    from leanlm.spec.prompts import draft_prompts, encode_chat
+
+    if args.prompts <= 0 or args.max_new_tokens <= 0 or args.top_k <= 0 or args.depth <= 0:
+        raise LeanLMError("--prompts, --max-new-tokens, --top-k and --depth must be > 0. Fix: e.g. --top-k 10 "
+                          "--depth 10")
+    if not str(args.out).endswith(".safetensors"):
+        raise LeanLMError(f"--out {args.out} must end in .safetensors. Fix: e.g. --out .cache/c2t/trees.safetensors")
+    model, tokenizer = load_model_and_tokenizer(args.target)
+    head, _ = EagleDraftHead.load(args.draft, model.config)
+    import torch
+
+    prompts = [torch.tensor([encode_chat(tokenizer, p)]) for p in draft_prompts(args.prompts, args.seed)]
+    rows, st = collect_trees(model, head, prompts, args.max_new_tokens, args.top_k, args.depth,
+                             args.entropy_top or None, tokenizer.eos_token_id)
+    meta = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "depth": args.depth,
+            "entropy_top": args.entropy_top, "trees": st.trees, "positives": st.positives,
+            "command": "leanlm spec c2t-collect " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])}
+    save_rows(rows, args.out, meta)
+    print(f"{st.trees} trees, {st.nodes:,} nodes verified, {st.positives} accepted ({st.positives / max(1, st.trees):.2f}"
+          f" per tree) in {st.seconds:.0f}s -> {args.out}")
+    return 0
+
+
+def cmd_spec_c2t_train(args: argparse.Namespace) -> int:
+    from leanlm.spec.c2t import C2TTrainConfig, load_rows, train_classifier
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
+    if args.epochs <= 0 or not 0 < args.val_fraction < 1 or not 0 < args.beta < 1 or args.neg_ratio < 0:
+        raise LeanLMError("need --epochs > 0, 0 < --val-fraction < 1, 0 < --beta < 1, --neg-ratio >= 0. Fix: e.g. "
+                          "--epochs 10 --val-fraction 0.05 --beta 0.5 --neg-ratio 4")
+    rows, meta = load_rows(args.data)
+    cfg = C2TTrainConfig(hidden=args.hidden, feature_scaling=args.feature_scaling,
+                         entropy_top=meta.get("entropy_top", 1000) or None, neg_ratio=args.neg_ratio,
+                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction,
+                         beta=args.beta, seed=args.seed)
+    clf, logs = train_classifier(rows, cfg)
+    chosen = [m for m in logs if m.get("chosen")][-1]
+    for m in logs:
+        print(f"epoch {m['epoch']}: bce {m['train_bce']:.4f}  held-out precision {m['precision']:.3f} recall "
+              f"{m['recall']:.3f} AUC {m['auc']:.3f} positive rate {m['positive_rate']:.4f}"
+              + ("  *" if m is chosen else ""))
+    clf.save(out, meta={"train": vars(cfg), "data": str(args.data), "data_meta": meta, "epochs_log": logs,
+                        "chosen": chosen,
+                        "command": "leanlm spec c2t-train " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])})
+    print(f"classifier saved to {out} (epoch {chosen['epoch']}: recall {chosen['recall']:.3f}, precision "
+          f"{chosen['precision']:.3f}, AUC {chosen['auc']:.3f} at beta {args.beta})")
     return 0
 
 
@@ -334,9 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--spec", default="none", choices=("none", "chain", "static", "eagle2"),
+    g.add_argument("--spec", default="none", choices=("none", "chain", "static", "eagle2", "c2t"),
                    help="speculative decoding strategy (lossless; needs --draft)")
     g.add_argument("--draft", default=None, help="draft head folder for --spec")
+    g.add_argument("--classifier", default=None, help="C2T classifier folder for --spec c2t")
+    g.add_argument("--beta", type=float, default=0.5, help="C2T confidence threshold")
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("wisca", help="apply one WISCA transition to a saved model (leanlm or HF) and save it")
@@ -359,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--max-new-tokens", type=int, default=128)
     td.add_argument("--epochs", type=int, default=2)
     td.add_argument("--lr", type=float, default=1e-3)
+    td.add_argument("--batch-tokens", type=int, default=4096, help="answer tokens per optimizer step")
+    td.add_argument("--mix", default="chat", help="training prompts: chat (MT-bench-like mix) or questions")
+    td.add_argument("--data", default=None, help="feature cache folder (default: OUT-data beside --out); reused "
+                    "and resumed when its settings match")
+    td.add_argument("--stage", choices=("all", "data", "train"), default="all",
+                    help="data: only build the feature cache; train: only train on the shards already there")
+    td.add_argument("--batch-size", type=int, default=64, help="prompts answered together")
+    td.add_argument("--data-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="target dtype while answering (bfloat16 is ~2x faster on CPUs with AVX512-BF16)")
+    td.add_argument("--bf16", action="store_true", help="train the head under bfloat16 autocast (GPU)")
+    td.add_argument("--max-context", type=int, default=None,
+                    help="train on at most this many prompt tokens before each answer (saves compute)")
+    td.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the file size)")
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=cmd_spec_train_draft)
@@ -368,10 +478,41 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--draft", required=True)
     sb.add_argument("--prompts", default="mtbench,gsm8k,humaneval")
     sb.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
-    sb.add_argument("--strategies", default="chain,static,eagle2")
+    sb.add_argument("--strategies", default="chain,static,eagle2",
+                    help="comma-separated; each NAME or NAME:key=value:..., e.g. eagle2:total_tokens=30,c2t:beta=0.5")
+    sb.add_argument("--classifier", default=None, help="C2T classifier folder for c2t strategies")
     sb.add_argument("--max-new-tokens", type=int, default=128)
     sb.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it)")
     sb.set_defaults(func=cmd_spec_bench)
+
+    cc = ssub.add_parser("c2t-collect", help="grow full EAGLE-2 trees, verify every node, store C2T features + labels")
+    cc.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
+    cc.add_argument("--draft", required=True, help="draft head folder")
+    cc.add_argument("--out", required=True, help="output .safetensors file")
+    cc.add_argument("--prompts", type=int, default=40, help="training prompts answered (never the evaluation sets)")
+    cc.add_argument("--max-new-tokens", type=int, default=64)
+    cc.add_argument("--top-k", type=int, default=10)
+    cc.add_argument("--depth", type=int, default=10)
+    cc.add_argument("--entropy-top", type=int, default=1000, help="M of the top-M entropy (0 = whole vocabulary)")
+    cc.add_argument("--seed", type=int, default=1)
+    cc.set_defaults(func=cmd_spec_c2t_collect)
+
+    ct = ssub.add_parser("c2t-train", help="train the C2T classifier (BCE, negative sampling, held-out split)")
+    ct.add_argument("data", help="a file written by c2t-collect")
+    ct.add_argument("--out", required=True, help="classifier folder")
+    ct.add_argument("--neg-ratio", type=float, default=4.0, help="negatives per positive per epoch (0 = all)")
+    ct.add_argument("--epochs", type=int, default=100, help="the paper's 10 are for ~9M rows; a CPU-sized "
+                    "collection (~100k rows) needs more passes")
+    ct.add_argument("--lr", type=float, default=3e-3)
+    ct.add_argument("--batch-size", type=int, default=256)
+    ct.add_argument("--hidden", type=int, default=48)
+    ct.add_argument("--feature-scaling", choices=("raw", "log"), default="log",
+                    help="log (default: log P, measured better) or raw (P linear, the paper's reading)")
+    ct.add_argument("--beta", type=float, default=0.5, help="threshold for the reported precision/recall")
+    ct.add_argument("--val-fraction", type=float, default=0.1)
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--overwrite", action="store_true")
+    ct.set_defaults(func=cmd_spec_c2t_train)
 
     k = sub.add_parser("kv-report", help="KV-cache bytes per token and per sequence, against GQA/MLA/GLA/NSA/ASA")
     k.add_argument("config", help="run config (YAML path or shipped name) or a saved model folder")

@@ -10,7 +10,8 @@ Step by step it prints what each stage achieved:
   5. kv cache  the cache the model really held while decoding, against the exact accounting, and what the same
                model would hold with full GQA or NSA attention at long contexts
 
-Later capabilities (C2T speculative decoding) add their own steps here as they land.
+  6. speculate SmolLM2-135M-Instruct answering held-out MT-bench questions greedily: plain decoding, EAGLE-2 and C2T
+               trees with the draft head and classifier committed under assets/ (outputs checked identical)
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ def _banner(i: int, title: str) -> None:
     print(f"\n=== [{i}] {title} " + "=" * max(0, 60 - len(title)), flush=True)
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts: int = 2,
+             spec_tokens: int = 64) -> dict:
     from leanlm.cli import generate_text, load_model_and_tokenizer, validation_perplexity
     from leanlm.data import prepare_data
     from leanlm.runconfig import load_run_config
@@ -77,9 +82,68 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> dict:
 
     _banner(5, "kv cache: what ASA holds, measured and accounted")
     kv = _kv_cache_step(model, tokenizer, text)
+    spec = {}
+    if spec_prompts > 0:
+        _banner(6, "speculate: SmolLM2-135M with EAGLE-2 and C2T token trees (lossless)")
+        spec = _speculative_step(spec_prompts, spec_tokens)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s")
     return {"val_ppl": ev["val_ppl"], "trained_val_ppl": metrics["val_ppl"], "sample": text, "checkpoint": str(ckpt),
-            **kv}
+            **kv, "spec": spec}
+
+
+def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
+    import torch
+
+    from leanlm.cli import load_model_and_tokenizer
+    from leanlm.spec.c2t import C2T
+    from leanlm.spec.draft import EagleDraftHead
+    from leanlm.spec.engine import SpeculativeDecoder, plain_generate
+    from leanlm.spec.prompts import encode_chat, load_prompts
+    from leanlm.spec.tree import Eagle2
+
+    head_dir, clf_dir = ASSETS / "draft-smollm2", ASSETS / "c2t-smollm2"
+    if not (head_dir / "model.safetensors").exists() or not (clf_dir / "model.safetensors").exists():
+        print(f"skipped: {head_dir} or {clf_dir} is missing (see assets/README.md for the commands that build them)")
+        return {}
+    model, tokenizer = load_model_and_tokenizer("smollm2")
+    head, meta = EagleDraftHead.load(head_dir, model.config)
+    print(f"target SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters); "
+          f"draft head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters trained on "
+          f"{meta.get('answer_tokens', 0):,} answer tokens of the target's own replies")
+    strategies = {"eagle2": Eagle2(), "c2t": C2T(clf_dir)}
+    totals = {k: {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted": 0, "candidates": 0, "identical": 0}
+              for k in ("plain", *strategies)}
+    prompts = load_prompts("mtbench", n_prompts)
+    for q in prompts:
+        ids = torch.tensor([encode_chat(tokenizer, q)])
+        ref, secs = plain_generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        totals["plain"]["tokens"] += len(ref) - 1
+        totals["plain"]["seconds"] += secs
+        for name, strategy in strategies.items():
+            out, st = SpeculativeDecoder(model, head, strategy).generate(ids, max_new_tokens,
+                                                                         eos_token_id=tokenizer.eos_token_id)
+            t = totals[name]
+            t["tokens"] += len(out) - 1
+            t["seconds"] += st.draft_seconds + st.verify_seconds
+            t["steps"] += st.steps
+            t["accepted"] += st.accepted
+            t["candidates"] += st.candidates
+            t["identical"] += out == ref
+    print(f"last MT-bench question: {prompts[-1][:100]}")
+    print("answer (the same for all three): " + tokenizer.decode(ref, skip_special_tokens=True)[:300]
+          .replace("\n", " ") + " ...")
+    plain_tps = totals["plain"]["tokens"] / totals["plain"]["seconds"]
+    print(f"plain greedy: {plain_tps:.1f} tokens/s")
+    result = {"plain_tokens_per_s": plain_tps}
+    for name in strategies:
+        t = totals[name]
+        tau, tps = t["accepted"] / max(1, t["steps"]), t["tokens"] / t["seconds"]
+        print(f"{name}: tau {tau:.2f} accepted draft tokens per step (+1 bonus), {t['candidates'] / max(1, t['steps']):.1f}"
+              f" tokens verified per step, {tps:.1f} tokens/s = {tps / plain_tps:.2f}x plain; output identical to "
+              f"plain greedy on {t['identical']}/{len(prompts)} prompts")
+        result[name] = {"tau": tau, "tokens_per_s": tps, "identical": t["identical"]}
+    print("(on this CPU a 60-token verification costs several single-token steps; see docs/results/speculative.md)")
+    return result
 
 
 def _kv_cache_step(model, tokenizer, text: str) -> dict:

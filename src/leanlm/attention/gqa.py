@@ -38,6 +38,10 @@ class KVState:
         self.k.keep(start, index)
         self.v.keep(start, index)
 
+    def gather(self, index: torch.Tensor) -> None:
+        self.k.gather(index)
+        self.v.gather(index)
+
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
 

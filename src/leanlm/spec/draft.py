@@ -58,12 +58,14 @@ class EagleDraftHead(nn.Module):
         return self.layer(x, Positions(position_ids), cache, attention_mask)
 
     # -- persistence ---------------------------------------------------------------------------------------------
-    def save(self, path: str | Path, meta: dict | None = None) -> None:
+    def save(self, path: str | Path, meta: dict | None = None, dtype: torch.dtype | None = None) -> None:
+        """Write the head (atomically). `dtype` (e.g. torch.float16) stores the weights smaller; `load` casts them
+        back into a float32 module."""
         from safetensors.torch import save_file
 
         from leanlm.checkpoint import write_folder_atomically
 
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
 
         def write(tmp: Path) -> None:
             (tmp / "draft_config.json").write_text(json.dumps({"config": self.config.to_dict(), **(meta or {})},

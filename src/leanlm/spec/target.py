@@ -7,7 +7,9 @@ Llama-family models it is the output of the final norm, so `lm_head(feature) == 
 
 leanlm targets use `LeanCache` (trees need full-attention kinds: GQA, MLA, GLA; ASA/NSA targets can use chain
 drafting, which only crops). Hugging Face targets use `DynamicCache`, whose per-layer key/value tensors are edited
-in place.
+in place. For models with sliding-window layers (Gemma-3, Mistral-style) the cache is created with full layers (a
+sliding layer of transformers' own cache drops old tokens and cannot be rolled back), and a tree mask is given per
+layer type (`hf_tree_masks`): the sliding layers' mask also hides keys more than `sliding_window - 1` positions back.
 """
 
 from __future__ import annotations
@@ -44,8 +46,17 @@ class Target:
         kwargs = {"use_cache": True, "output_hidden_states": True}
         if self.cache is not None:
             kwargs["past_key_values"] = self.cache
+        elif not self.is_leanlm:
+            from transformers import DynamicCache
+
+            kwargs["past_key_values"] = DynamicCache()  # full layers everywhere, see the module docstring
         if tree_mask is not None:
-            kwargs["attention_mask"] = tree_mask if self.is_leanlm else self._hf_mask(tree_mask)
+            if self.is_leanlm:
+                kwargs["attention_mask"] = tree_mask
+            else:
+                past = tree_mask.shape[-1] - tree_mask.shape[-2]
+                k_pos = torch.cat([torch.arange(past, device=position_ids.device)[None], position_ids], dim=1)
+                kwargs["attention_mask"] = hf_tree_masks(self.model, tree_mask, position_ids, k_pos)
             kwargs["position_ids"] = position_ids
         elif position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -53,10 +64,6 @@ class Target:
         self.cache = out.past_key_values
         return out.logits[0].float(), out.hidden_states[-1][0]
 
-    def _hf_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """transformers takes a custom 4-D mask as additive floats (0 = attend, large negative = masked)."""
-        dtype = next(self.model.parameters()).dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     def crop(self, length: int) -> None:
         if self.is_leanlm:
@@ -74,3 +81,23 @@ class Target:
         for layer in self.cache.layers:
             layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., start + idx, :]], dim=-2)
             layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., start + idx, :]], dim=-2)
+
+
+def hf_tree_masks(model, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """A boolean tree mask [B, 1, N, S] as transformers takes it: additive floats (0 = attend, large negative =
+    masked); for models with sliding-window layers also the windowed mask (keys at positions > q - window), as a
+    {layer type: mask} dict when full and sliding layers are mixed. q_pos [B, N], k_pos [B, S] absolute positions."""
+    dtype = next(model.parameters()).dtype
+
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or []
+    if not window or (types and "sliding_attention" not in types):
+        return additive(mask)
+    slide = mask & (k_pos[:, None, None, :] > q_pos[:, None, :, None] - window)
+    if "full_attention" in types:
+        return {"full_attention": additive(mask), "sliding_attention": additive(slide)}
+    return additive(slide)

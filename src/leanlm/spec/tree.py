@@ -198,7 +198,7 @@ class Eagle2(TreeStrategy):
             if parents[i] not in index:  # cannot happen while child scores <= parent scores; guard anyway
                 raise RuntimeError("eagle2 rerank produced a disconnected tree")
         return TokenTree([tokens[i] for i in keep], [-1] + [index[parents[i]] for i in keep[1:]],
-                         [scores[i] for i in keep])
+                         [scores[i] for i in keep], extras={"pool": keep})  # pool = the drafter's node ids
 
     def describe(self) -> str:
         return f"eagle2(total_tokens={self.total_tokens}, depth={self.depth}, top_k={self.top_k})"
@@ -213,3 +213,32 @@ def make_strategy(name: str, **kw) -> TreeStrategy:
 
 
 EXTRA_STRATEGIES: dict[str, type] = {}
+
+
+def parse_strategy(spec: str, **defaults) -> TreeStrategy:
+    """A strategy from text: `name` or `name:key=value:key=value`, e.g. `eagle2:total_tokens=30:depth=5`,
+    `c2t:beta=0.3`. Values are read as int, then float, then None/str; `defaults` (e.g. classifier=PATH) fill
+    arguments the text leaves out and that the strategy takes."""
+    import inspect
+
+    name, *pairs = spec.strip().split(":")
+    kw = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"strategy {spec!r}: {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        kw[key] = None if value == "None" else value
+    table = {"chain": Chain, "static": StaticTree, "eagle2": Eagle2, **EXTRA_STRATEGIES}
+    if name in table:
+        accepted = inspect.signature(table[name].__init__).parameters
+        bad = [k for k in kw if k not in accepted]
+        if bad:
+            raise ValueError(f"strategy {spec!r}: {name} takes no {bad}; it takes {sorted(set(accepted) - {'self'})}")
+        kw = {k: v for k, v in defaults.items() if k in accepted and v is not None} | kw
+    return make_strategy(name, **kw)
