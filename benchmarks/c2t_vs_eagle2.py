@@ -14,7 +14,7 @@ tokens/s at equal τ.
     python benchmarks/c2t_vs_eagle2.py --draft assets/draft-smollm2 --classifier assets/c2t-smollm2 \\
         --c2t-data .cache/c2t/trees.safetensors --limit 20 --max-new-tokens 64
 
-Writes docs/results/c2t.json, c2t.md (the tables) and c2t.png.
+Writes docs/results/c2t.json, c2t-tables.md and c2t.png (docs/results/c2t.md is the results page around them).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {e['prompts']} | {e['strategy']} | {e['tau']:.2f} | {e['c2t_candidates']:.1f} | "
                      f"{fmt(e['eagle2_candidates_at_tau'], '.1f')} | {fmt(e['reduction'], '.1%')} | "
                      f"{e['c2t_tokens_per_s']:.1f} | {fmt(e['eagle2_tokens_per_s_at_tau'], '.1f')} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_name(out.stem + "-tables.md").write_text("\n".join(lines) + "\n")
     plot(out.with_suffix(".png"), rows, costs)
     return 0
 
