@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             single = [SpeculativeDecoder(model, head, strat).generate(torch.tensor([p]), args.max_new_tokens,
                                                                       eos_token_id=tok.eos_token_id) for p in ps]
             single_s = sum(st.draft_seconds + st.verify_seconds for _, st in single)
-            outs, secs, same = [], 0.0, 0
+            outs, secs = [], 0.0
             for i in range(0, len(ps), args.batch):
                 chunk = ps[i:i + args.batch]
                 o, _, tot = BatchedSpeculativeDecoder(model, head, strat).generate(

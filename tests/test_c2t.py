@@ -14,7 +14,7 @@ from leanlm.spec.c2t import (C2T, C2TClassifier, C2TTrainConfig, EntropyRecorder
                              train_classifier)
 from leanlm.spec.draft import EagleDraftHead, head_config
 from leanlm.spec.tree import make_strategy
-from test_spec import V, decoder, tiny
+from test_spec import V, decoder, tiny, tiny_hf_llama
 
 
 def depth_classifier(threshold_depth: float = 3.5) -> C2TClassifier:
@@ -98,14 +98,7 @@ def test_c2t_greedy_is_token_identical_to_plain_greedy(kind):
 
 
 def test_c2t_with_the_eagle_head_on_an_hf_target():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    cfg._attn_implementation = "sdpa"
-    target = LlamaForCausalLM(cfg).eval()
-    head = EagleDraftHead(head_config(cfg)).eval()
+    target, head = tiny_hf_llama()
     prompt = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(3))
     ref, _ = plain_generate(target, prompt, 25)
     out, _ = SpeculativeDecoder(target, head, C2T(C2TClassifier(), beta=0.3)).generate(prompt, 25)

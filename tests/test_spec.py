@@ -63,6 +63,17 @@ def tiny(kind="gqa", seed=0, layers=2):
     return LeanLMForCausalLM(cfg).eval()
 
 
+def tiny_hf_llama():
+    """A tiny random Hugging Face Llama target and an untrained EAGLE head for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval(), EagleDraftHead(head_config(cfg)).eval()
+
+
 def decoder(target, strategy, drafter_model, noise, prompt):
     def factory():
         d = ModelDrafter(drafter_model, noise)
@@ -99,14 +110,7 @@ def test_perfect_drafter_accepts_whole_chains():
 
 
 def test_hf_llama_target_with_the_eagle_head():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    cfg._attn_implementation = "sdpa"
-    target = LlamaForCausalLM(cfg).eval()
-    head = EagleDraftHead(head_config(cfg)).eval()
+    target, head = tiny_hf_llama()
     for i in range(3):
         prompt = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(i))
         ref, _ = plain_generate(target, prompt, 25)

@@ -12,9 +12,8 @@ import torch
 from leanlm.spec import Chain, Eagle2, plain_generate
 from leanlm.spec.batch import BatchedSpeculativeDecoder
 from leanlm.spec.c2t import C2T
-from leanlm.spec.draft import EagleDraftHead, head_config
 from test_c2t import depth_classifier
-from test_spec import V, ModelDrafter, tiny
+from test_spec import V, ModelDrafter, tiny, tiny_hf_llama
 
 
 def batched(target, strategy, drafter_model, noise, prompts):
@@ -63,14 +62,7 @@ def test_batched_rows_finish_independently_and_respect_eos():
 
 
 def test_batched_hf_llama_target_with_the_eagle_head():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    cfg._attn_implementation = "sdpa"
-    target = LlamaForCausalLM(cfg).eval()
-    head = EagleDraftHead(head_config(cfg)).eval()
+    target, head = tiny_hf_llama()
     prompts = prompts_of(3, seed=4)
     for strategy in (Chain(3), Eagle2(total_tokens=16, depth=4, top_k=4)):
         outs, _, _ = BatchedSpeculativeDecoder(target, head, strategy).generate(prompts, 20)

@@ -92,13 +92,11 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
 
 
 def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
-    import torch
-
     from leanlm.cli import load_model_and_tokenizer
+    from leanlm.spec.bench import run_bench
     from leanlm.spec.c2t import C2T
     from leanlm.spec.draft import EagleDraftHead
-    from leanlm.spec.engine import SpeculativeDecoder, plain_generate
-    from leanlm.spec.prompts import encode_chat, load_prompts
+    from leanlm.spec.prompts import load_prompts
     from leanlm.spec.tree import Eagle2
 
     head_dir, clf_dir = ASSETS / "draft-smollm2", ASSETS / "c2t-smollm2"
@@ -111,37 +109,25 @@ def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
           f"draft head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters trained on "
           f"{meta.get('answer_tokens', 0):,} answer tokens of the target's own replies")
     strategies = {"eagle2": Eagle2(), "c2t": C2T(clf_dir)}
-    totals = {k: {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted": 0, "candidates": 0, "identical": 0}
-              for k in ("plain", *strategies)}
     prompts = load_prompts("mtbench", n_prompts)
-    for q in prompts:
-        ids = torch.tensor([encode_chat(tokenizer, q)])
-        ref, secs = plain_generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-        totals["plain"]["tokens"] += len(ref) - 1
-        totals["plain"]["seconds"] += secs
-        for name, strategy in strategies.items():
-            out, st = SpeculativeDecoder(model, head, strategy).generate(ids, max_new_tokens,
-                                                                         eos_token_id=tokenizer.eos_token_id)
-            t = totals[name]
-            t["tokens"] += len(out) - 1
-            t["seconds"] += st.draft_seconds + st.verify_seconds
-            t["steps"] += st.steps
-            t["accepted"] += st.accepted
-            t["candidates"] += st.candidates
-            t["identical"] += out == ref
+    answers: dict[str, list[list[int]]] = {}
+    rows = run_bench(model, tokenizer, head, strategies, {"mtbench": prompts}, max_new_tokens, progress=False,
+                     answers=answers)
     print(f"last MT-bench question: {prompts[-1][:100]}")
-    print("answer (the same for all three): " + tokenizer.decode(ref, skip_special_tokens=True)[:300]
-          .replace("\n", " ") + " ...")
-    plain_tps = totals["plain"]["tokens"] / totals["plain"]["seconds"]
-    print(f"plain greedy: {plain_tps:.1f} tokens/s")
-    result = {"plain_tokens_per_s": plain_tps}
-    for name in strategies:
-        t = totals[name]
-        tau, tps = t["accepted"] / max(1, t["steps"]), t["tokens"] / t["seconds"]
-        print(f"{name}: tau {tau:.2f} accepted draft tokens per step (+1 bonus), {t['candidates'] / max(1, t['steps']):.1f}"
-              f" tokens verified per step, {tps:.1f} tokens/s = {tps / plain_tps:.2f}x plain; output identical to "
-              f"plain greedy on {t['identical']}/{len(prompts)} prompts")
-        result[name] = {"tau": tau, "tokens_per_s": tps, "identical": t["identical"]}
+    print("answer (the same for all three): " + tokenizer.decode(answers["mtbench"][-1], skip_special_tokens=True)
+          [:300].replace("\n", " ") + " ...")
+    plain = next(r for r in rows if r["strategy"] == "none")
+    print(f"plain greedy: {plain['tokens_per_s']:.1f} tokens/s")
+    result = {"plain_tokens_per_s": plain["tokens_per_s"]}
+    for r in rows:
+        if r["strategy"] == "none":
+            continue
+        print(f"{r['strategy']}: tau {r['tau']:.2f} accepted draft tokens per step (+1 bonus), "
+              f"{r['candidates_per_step']:.1f} tokens verified per step, {r['tokens_per_s']:.1f} tokens/s = "
+              f"{r['speedup']:.2f}x plain; output identical to plain greedy on {r['identical_outputs']}/{len(prompts)}"
+              " prompts")
+        result[r["strategy"]] = {"tau": r["tau"], "tokens_per_s": r["tokens_per_s"],
+                                 "identical": r["identical_outputs"]}
     print("(on this CPU a 60-token verification costs several single-token steps; see docs/results/speculative.md)")
     return result
 

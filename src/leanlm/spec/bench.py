@@ -18,7 +18,10 @@ from leanlm.spec.tree import TreeStrategy
 
 
 def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], prompt_sets: dict[str, list[str]],
-              max_new_tokens: int, progress: bool = True) -> list[dict]:
+              max_new_tokens: int, progress: bool = True,
+              answers: dict[str, list[list[int]]] | None = None) -> list[dict]:
+    """One row per prompt set and strategy (plain decoding as strategy "none"); `answers`, when given, receives the
+    plain greedy answer (token ids) of every prompt, per set."""
     rows = []
     for set_name, prompts in prompt_sets.items():
         plain_s, plain_tokens = 0.0, 0
@@ -27,6 +30,8 @@ def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], promp
         for prompt in tqdm(prompts, desc=set_name, disable=not progress, leave=False):
             ids = torch.tensor([encode_chat(tokenizer, prompt)])
             ref, secs = plain_generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+            if answers is not None:
+                answers.setdefault(set_name, []).append(ref)
             plain_s += secs
             plain_tokens += len(ref) - 1  # the first token comes from the prompt's forward in both
             for name, strategy in strategies.items():

@@ -1,6 +1,6 @@
 """Training an EAGLE draft head: teacher-forced target features over token sequences, then a small training loop.
 
-Data (`build_sequences`): prompts in the target's chat format, answered by the target itself (greedy), so the head
+Data (`answer_with_features`, cached by `build_feature_cache`): prompts in the target's chat format, answered by the target itself (greedy), so the head
 learns the distribution it will be asked to predict. `collect_features` runs the target once over each sequence and
 keeps its last-layer features (fp16) with the tokens.
 
@@ -198,7 +198,8 @@ def answer_with_features(model, tokenizer, prompts: list[str], max_new_tokens: i
             cache = out.past_key_values
             fed.append(nxt.cpu())
             feats.append(out.hidden_states[-1][:, -1].to(torch.float16).cpu())
-            done |= nxt == eos if eos is not None else done
+            if eos is not None:
+                done |= nxt == eos
             if bool(done.all()):
                 break
             nxt = out.logits[:, -1].argmax(-1)
@@ -261,12 +262,3 @@ def load_feature_cache(folder: str | Path) -> list[tuple[torch.Tensor, torch.Ten
             stem = key[: -len(".tokens")]
             data.append((t[key], t[stem + ".features"], int(t[stem + ".prompt_len"][0])))
     return data
-
-
-@torch.no_grad()
-def build_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-                    progress: bool = True) -> list[list[int]]:
-    """prompt + the target's greedy answer, as token ids (chat-formatted when the tokenizer has a chat template)."""
-    return [t.tolist() for _, t, _, _ in sorted(
-        answer_with_features(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress),
-        key=lambda x: x[0])]
