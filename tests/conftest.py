@@ -13,6 +13,10 @@ os.environ.setdefault("LEANLM_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run on CPU tensors through the interpreter; Triton reads this when it first decorates a kernel, so it
+# is set before any test module imports leanlm (on a GPU: LEANLM_TEST_DEVICE=cuda TRITON_INTERPRET=0).
+if os.environ.get("LEANLM_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 WORDS = ("the king queen lord good night day sword crown love death heart fair sweet noble brother father "
          "mother son daughter speak come go hence thou thee thy art hath doth shall will not what why where "

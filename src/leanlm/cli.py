@@ -211,6 +211,13 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
                           "--prompts 2000")
     if args.mix not in DRAFT_MIXES:
         raise LeanLMError(f"--mix {args.mix!r} is unknown. Fix: use one of {', '.join(DRAFT_MIXES)}")
+    if args.val_prompts < 0:
+        raise LeanLMError(f"--val-prompts must be >= 0, got {args.val_prompts}. Fix: e.g. --val-prompts 64")
+    if args.cls_weight < 0:
+        raise LeanLMError(f"--cls-weight must be >= 0, got {args.cls_weight}. Fix: e.g. --cls-weight 0.1")
+    if args.init is not None and not (Path(args.init) / "draft_config.json").exists():
+        raise LeanLMError(f"--init {args.init} is not a draft head folder (no draft_config.json). Fix: pass a folder "
+                          "written by `leanlm spec train-draft`")
     out = Path(args.out)
     if args.stage != "data" and out.exists() and any(out.iterdir()) and not args.overwrite:
         raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
@@ -234,19 +241,33 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
           f"({answers:,} answer tokens) ({time.perf_counter() - t:.0f}s)")
     if args.stage == "data":
         return 0
-    head = EagleDraftHead(head_config(model.config))
+    if args.init is not None:
+        head, init_meta = EagleDraftHead.load(args.init, model.config)
+        history = init_meta.get("history", []) + [{k: init_meta.get(k) for k in ("command", "steps", "final_train")}]
+    else:
+        head, history = EagleDraftHead(head_config(model.config)), []
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
-                           batch_tokens=args.batch_tokens, max_context=args.max_context)
-    logs = train_head(head, model.get_input_embeddings(), model.get_output_embeddings(), data, cfg)
+                           batch_tokens=args.batch_tokens, max_context=args.max_context,
+                           cls_weight=args.cls_weight)
+    if not 0 <= args.val_prompts < len(data):
+        raise LeanLMError(f"--val-prompts {args.val_prompts} must be >= 0 and leave training data ({len(data)} "
+                          f"sequences in the cache). Fix: e.g. --val-prompts {min(64, len(data) // 10)}")
+    val = data[len(data) - args.val_prompts:] if args.val_prompts else None
+    train = data[: len(data) - args.val_prompts]
+    logs = train_head(head, model.get_input_embeddings(), model.get_output_embeddings(), train, cfg, val_data=val)
     last = logs[-1]
+    val_log = [lg["val"] for lg in logs if "val" in lg]
     head.save(out, meta={"target": args.target, "prompts": args.prompts, "mix": args.mix,
                          "max_new_tokens": args.max_new_tokens, "data_dtype": args.data_dtype,
                          "sequences": len(data), "answer_tokens": answers, "epochs": args.epochs, "lr": args.lr,
-                         "steps": len(logs), "seed": args.seed, "final_train": last,
+                         "steps": len(logs), "seed": args.seed, "final_train": last, "init": args.init,
+                         "cls_weight": args.cls_weight, "history": history, "val_prompts": args.val_prompts,
+                         "val_by_epoch": val_log,
                          "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])},
               dtype=torch.float16 if args.save_fp16 else None)
-    print(f"draft head saved to {out}: {len(logs)} steps, final training next-token accuracy {last['acc']:.3f}, "
-          f"feature loss {last['reg']:.4f}")
+    held = f", held-out {val_log[-1]['acc']:.3f}" if val_log else ""
+    print(f"draft head saved to {out}: {len(logs)} steps, final training next-token accuracy {last['acc']:.3f}"
+          f"{held}, feature loss {last['reg']:.4f}")
     return 0
 
 
@@ -278,6 +299,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     print(table)
     if args.out:
         out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"args": vars(args) | {"func": None}, "rows": rows}, indent=1, default=str))
         out.with_suffix(".md").write_text(table + "\n")
         from leanlm.plots import bar_chart
@@ -469,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--max-context", type=int, default=None,
                     help="train on at most this many prompt tokens before each answer (saves compute)")
     td.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the file size)")
+    td.add_argument("--init", default=None, help="start from this trained head (continue training) instead of a "
+                    "fresh one")
+    td.add_argument("--cls-weight", type=float, default=0.1,
+                    help="weight of the next-token cross-entropy beside the feature regression (EAGLE: 0.1)")
+    td.add_argument("--val-prompts", type=int, default=0,
+                    help="hold out the last N cached sequences; report their teacher-forced next-token accuracy "
+                    "after each epoch (the head overfits small caches: watch this, not the training accuracy)")
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=cmd_spec_train_draft)

@@ -47,6 +47,10 @@ class LeanLMConfig(PreTrainedConfig):
     `alternate_global_first`, `nsa` (every layer has all three branches on GLA: the fixed-pattern ablation), or an
     explicit list of `local` / `global` / `both` per layer. `asa_local_gate` adds a sigmoid output gate per head in
     local layers.
+
+    `attention_kernels` (`auto`, `triton`, `torch`): whether NSA/ASA/MLA/GLA layers run the Triton kernels of
+    `leanlm.kernels` (auto = on CUDA when Triton is installed) or the PyTorch references; the environment variable
+    LEANLM_KERNELS overrides it.
     """
 
     model_type = "leanlm"
@@ -94,6 +98,7 @@ class LeanLMConfig(PreTrainedConfig):
     nsa_query_group: int | None = None
     nsa_gates: bool = True
     window_cache_margin: int = 64
+    attention_kernels: str = "auto"
     # ASA
     asa_pattern: str | list[str] = "alternate"
     asa_local_gate: bool = True
@@ -174,6 +179,11 @@ class LeanLMConfig(PreTrainedConfig):
         if self.hidden_act != "silu":
             raise ConfigError("hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
                               "set hidden_act: silu")
+        from leanlm.kernels.dispatch import KERNEL_CHOICES
+
+        if self.attention_kernels not in KERNEL_CHOICES:
+            raise ConfigError("attention_kernels", f"unknown choice {self.attention_kernels!r}",
+                              f"use one of {', '.join(KERNEL_CHOICES)}")
         from leanlm.attention import ATTENTION_REGISTRY  # local import: attention modules import this file
 
         kinds = self.layer_attention

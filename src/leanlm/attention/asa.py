@@ -102,7 +102,7 @@ class AlternatingSparseAttention(LatentAttention):
         s, t = c.shape[2], x.shape[1]
         q_pos = torch.arange(s - t, s, device=x.device)
         q_bar = lat.absorbed_query(q_nope, q_rope)  # [B, H, T, d_c + d_r]
-        k_bar = lat.absorbed_keys(c, k_rope)  # [B, g, S, d_c + d_r]
-        outs = self.sparse(q_bar, k_bar, c, q_pos, 0, state, lat.scale)  # each [B, H, T, d_c]
+        # keys K̄ = [c ; k_r] passed as parts: the decode kernels read the latent cache in place
+        outs = self.sparse(q_bar, (c, k_rope), c, q_pos, 0, state, lat.scale)  # each [B, H, T, d_c]
         o_lat = mix_branches(outs, self.gate_proj(x) if self.gate_proj is not None else None)
         return lat.output(lat.values_up(o_lat))

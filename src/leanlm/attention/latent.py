@@ -229,6 +229,13 @@ def check_latent_config(config, layer_idx: int, latent_heads: int, latent_dim: i
         raise ConfigError("latent_absorb", f"unknown value {config.latent_absorb!r}", "use auto, always or never")
 
 
+def _kernels_apply(config, x: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float) -> bool:
+    """The Triton paths cover unmasked causal/window attention without dropout."""
+    from leanlm.kernels.dispatch import use_kernels
+
+    return attention_mask is None and dropout == 0.0 and use_kernels(x.device, config.attention_kernels)
+
+
 class LatentAttention(Attention):
     """Full causal (or sliding-window) attention over a latent cache; `mla` and `gla` are this with g = 1 / g > 1.
 
@@ -253,6 +260,32 @@ class LatentAttention(Attention):
         kept = context if window is None else min(context, window - 1 + config.window_cache_margin)
         return (latent_dim + config.qk_rope_head_dim) * kept * dtype_bytes
 
+    def _attend_kernels(self, q_nope, q_rope, c, k_rope, past: int, first: int,
+                        attention_mask: torch.Tensor | None, dropout: float) -> torch.Tensor | None:
+        """Triton paths (None when they do not apply): one-token decoding runs the split-K latent decode kernel
+        over the cache in place (absorbed); a sliding-window layer's training/prefill runs the banded kernel on the
+        expanded keys. Full causal prefill stays with SDPA (FlashAttention on GPU)."""
+        t = q_nope.shape[2]
+        if not _kernels_apply(self.config, q_nope, attention_mask, dropout):
+            return None
+        lat = self.latent
+        if t == 1 and past > 0 and self.config.latent_absorb != "never":
+            from leanlm.kernels.decode import latent_decode
+
+            q_bar = lat.absorbed_query(q_nope, q_rope)[:, :, 0]  # [B, H, d_c + d_r]
+            s = c.shape[2]
+            lo = max(0, past - self.window + 1 - first) if self.window else 0
+            o_lat, _ = latent_decode(q_bar[..., : lat.latent_dim], q_bar[..., lat.latent_dim:], c, k_rope,
+                                     lat.scale, lo=lo, hi=s)
+            return lat.values_up(o_lat[:, :, None])  # [B, H, 1, d_v]
+        if self.window and self.config.latent_absorb != "always":
+            from leanlm.kernels.banded import window_attention
+
+            k, v = lat.expand(c, k_rope)  # [B, H, S, d_nope + d_r], [B, H, S, d_v]
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            return window_attention(q, k, v, past, first, self.window, lat.scale)
+        return None
+
     def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -271,8 +304,11 @@ class LatentAttention(Attention):
         else:
             mask = tree_or_causal_mask(attention_mask, t, s, x.device)
         dropout = self.config.attention_dropout if self.training else 0.0
-        o = lat.attend(q_nope, q_rope, c, k_rope, mask, is_causal=mask is None and t > 1,
-                       absorbed=use_absorbed(self.config.latent_absorb, t, past), dropout=dropout)  # [B, H, T, d_v]
+        o = self._attend_kernels(q_nope, q_rope, c, k_rope, past, first, attention_mask, dropout)
+        if o is None:
+            o = lat.attend(q_nope, q_rope, c, k_rope, mask, is_causal=mask is None and t > 1,
+                           absorbed=use_absorbed(self.config.latent_absorb, t, past), dropout=dropout)
+        # o: [B, H, T, d_v]
         if self.gate_proj is not None:
             o = o * torch.sigmoid(self.gate_proj(x)).transpose(1, 2)[..., None]
         return lat.output(o)

@@ -21,9 +21,24 @@ from leanlm.attention.gqa import GroupedQueryAttention, KVState
 from leanlm.attention.registry import register_attention
 from leanlm.cache import GrowingBuffer, LeanCache, WindowBuffer
 from leanlm.errors import ConfigError
+from leanlm.kernels.dispatch import use_kernels
 from leanlm.rope import Positions
 
 BRANCHES = ("cmp", "slc", "win")
+
+
+def _full_keys(k, span: slice = slice(None)) -> torch.Tensor:
+    """Keys [B, G, S, Dk]; latent parts (c, k_r) are concatenated to K̄ = [c ; k_r] (only over `span`)."""
+    if isinstance(k, tuple):
+        c, k_rope = k
+        c = c[:, :, span]
+        return torch.cat([c, k_rope[:, :, span].expand(-1, c.shape[1], -1, -1)], dim=-1)
+    return k[:, :, span]
+
+
+def _key_dim(k) -> int:
+    """Key width of `k` (a tensor or latent parts)."""
+    return k[0].shape[-1] + k[1].shape[-1] if isinstance(k, tuple) else k.shape[-1]
 
 
 class SparseState:
@@ -92,6 +107,7 @@ class SparseBranches(nn.Module):
         self.init_blocks, self.local_blocks = config.nsa_init_blocks, config.nsa_local_blocks
         self.window, self.query_group = config.nsa_window, config.nsa_query_group
         self.margin = config.window_cache_margin
+        self.kernels = config.attention_kernels
         self.mlp = config.nsa_compressor == "mlp"
         self.value_prefix = None if self.mlp else value_prefix
         if self.mlp and ("cmp" in branches or "slc" in branches):
@@ -101,45 +117,57 @@ class SparseBranches(nn.Module):
     def new_state(self) -> SparseState:
         return SparseState(self.query_group, self.margin, compressed_values=self.value_prefix is None)
 
-    def _compressed(self, k: torch.Tensor, v: torch.Tensor, state: SparseState | None):
+    def _compressed(self, k, v: torch.Tensor, state: SparseState | None):
+        """Compressed keys/values [B, G, M, D] (cached in `state` as blocks complete). `k` as in `forward`."""
         ck, cv = (self.compress_k, self.compress_v) if self.mlp else (None, None)
         if state is None:
+            k = _full_keys(k)
             kc = ops.compress(k, self.block, self.stride, ck)
             vc = kc[..., : self.value_prefix] if self.value_prefix else ops.compress(v, self.block, self.stride, cv)
             return kc, vc
         have = state.kc.length
-        want = ops.num_compressed_blocks(k.shape[2], self.block, self.stride)
+        length = k[0].shape[2] if isinstance(k, tuple) else k.shape[2]
+        want = ops.num_compressed_blocks(length, self.block, self.stride)
         if want > have:
             span = slice(have * self.stride, (want - 1) * self.stride + self.block)
-            state.kc.append(ops.compress(k[:, :, span], self.block, self.stride, ck))
+            state.kc.append(ops.compress(_full_keys(k, span), self.block, self.stride, ck))
             if state.vc is not None:
                 state.vc.append(ops.compress(v[:, :, span], self.block, self.stride, cv))
         kc = state.kc.view()
         if kc is None:
-            kc = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3])
+            kc = v.new_zeros(v.shape[0], v.shape[1], 0, _key_dim(k))
         if self.value_prefix:
             return kc, kc[..., : self.value_prefix]
         vc = state.vc.view()
         return kc, (vc if vc is not None else v.new_zeros(v.shape[0], v.shape[1], 0, v.shape[3]))
 
-    def _selection(self, probs: torch.Tensor, q_pos: torch.Tensor, state: SparseState | None) -> torch.Tensor:
-        """Selected blocks per query [B, G, T, n]; with query groups, those of each group's first token."""
+    def _selection(self, select, q_pos: torch.Tensor, q_start: int, state: SparseState | None) -> torch.Tensor:
+        """Selected blocks per query [B, G, T, n]; with query groups, those of each group's first token.
+        `select(rows)` returns the top-n blocks [B, G, R, n] of the query rows `rows` (a slice); the queries are
+        at the contiguous positions q_pos = q_start, q_start + 1, ..."""
         qg = self.query_group
-        args = (self.groups, self.count, self.block, self.stride, self.sel_block, self.init_blocks, self.local_blocks)
         if qg == 1:
-            return ops.select_blocks(probs, q_pos, *args)
-        starts = (q_pos % qg == 0).nonzero().squeeze(-1)
-        new = ops.select_blocks(probs[:, :, starts], q_pos[starts], *args)  # [B, G, R, n]
+            return select(slice(None))
+        new = select(slice((-q_start) % qg, None, qg))  # rows that start a query group: [B, G, R, n]
         if state is None:
-            table, first = new, int(q_pos[0].item()) // qg
+            table, first = new, q_start // qg
         else:
             table, first = state.quads.append(new.to(torch.int32))
         return table[:, :, q_pos // qg - first].long()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_start: int,
+    def _use_kernels(self, q: torch.Tensor, k_start: int) -> bool:
+        return k_start == 0 and use_kernels(q.device, self.kernels)
+
+    def forward(self, q: torch.Tensor, k, v: torch.Tensor, q_pos: torch.Tensor, k_start: int,
                 state: SparseState | None, scale: float) -> dict[str, torch.Tensor]:
         """q [B, H, T, Dk], k [B, G, S, Dk], v [B, G, S, Dv] (keys from position `k_start`; the compression and
-        selection branches need `k_start == 0`), q_pos [T]. Returns {branch: output [B, H, T, Dv]}."""
+        selection branches need `k_start == 0`), q_pos [T] (contiguous positions). Returns {branch: [B, H, T, Dv]}.
+
+        `k` may also be latent parts (c [B, G, S, d_c], k_r [B, 1, S, d_r]) standing for K̄ = [c ; k_r] (ASA's
+        absorbed GLA keys): the decode kernels read them in place, the other paths concatenate them."""
+        if self._use_kernels(q, k_start):
+            return self._forward_kernels(q, k, v, q_pos, state, scale)
+        k = _full_keys(k)
         out: dict[str, torch.Tensor] = {}
         if "cmp" in self.branches or "slc" in self.branches:
             kc, vc = self._compressed(k, v, state)
@@ -147,10 +175,61 @@ class SparseBranches(nn.Module):
             if "cmp" in self.branches:
                 out["cmp"] = o_cmp
             if "slc" in self.branches:
-                idx = self._selection(probs, q_pos, state)
+                args = (self.groups, self.count, self.block, self.stride, self.sel_block, self.init_blocks,
+                        self.local_blocks)
+                idx = self._selection(lambda rows: ops.select_blocks(probs[:, :, rows], q_pos[rows], *args),
+                                      q_pos, k.shape[2] - q.shape[2], state)
                 out["slc"] = ops.selection_attention(q, k, v, idx, q_pos, k_start, self.sel_block, scale)
         if "win" in self.branches:
             out["win"] = ops.window_attention(q, k, v, q_pos, k_start, self.window, scale)
+        return out
+
+    def _forward_kernels(self, q, k, v, q_pos, state, scale) -> dict[str, torch.Tensor]:
+        """The same branches through `leanlm.kernels` (Triton): banded attention for compression and window,
+        on-device top-n, group-shared selection; one-token decoding over latent parts uses the split-K kernels."""
+        from leanlm.kernels import banded, decode, selection, topk
+
+        b, h, t, _ = q.shape
+        latent = isinstance(k, tuple)
+        s = k[0].shape[2] if latent else k.shape[2]
+        q_start = s - t
+        decoding = latent and t == 1 and self.value_prefix is not None  # values = the latents' prefix
+        if decoding:
+            dc = k[0].shape[-1]
+            q_lat, q_rope = q[:, :, 0, :dc], q[:, :, 0, dc:]  # [B, H, d_c], [B, H, d_r]
+        else:
+            k = _full_keys(k)
+        out: dict[str, torch.Tensor] = {}
+        if "cmp" in self.branches or "slc" in self.branches:
+            kc, vc = self._compressed(k, v, state)
+            if decoding:
+                o_cmp, lse = decode.latent_decode(q_lat, q_rope, kc[..., :dc], kc[..., dc:], scale)
+                o_cmp, lse = o_cmp[:, :, None], lse[:, :, None]  # [B, H, 1, d_c], [B, H, 1]
+            else:
+                o_cmp, lse = banded.compression_attention(q, kc, vc, q_start, self.block, self.stride, scale)
+            if "cmp" in self.branches:
+                out["cmp"] = o_cmp
+            if "slc" in self.branches:
+                def select(rows):
+                    return topk.select_blocks(q[:, :, rows], kc, lse[:, :, rows], q_pos[rows], self.count,
+                                              self.block, self.stride, self.sel_block, self.init_blocks,
+                                              self.local_blocks, scale)
+
+                idx = self._selection(select, q_pos, q_start, state)  # [B, G, T, n]
+                if decoding:
+                    o, _ = decode.latent_decode(q_lat, q_rope, k[0], k[1], scale, blocks=idx[:, :, 0],
+                                                block=self.sel_block)
+                    out["slc"] = o[:, :, None]
+                else:
+                    out["slc"] = selection.selection_attention(q, k, v, idx, q_start, 0, self.sel_block, scale,
+                                                               self.query_group)
+        if "win" in self.branches:
+            if decoding:
+                lo = max(0, s - self.window)
+                o, _ = decode.latent_decode(q_lat, q_rope, k[0], k[1], scale, lo=lo)
+                out["win"] = o[:, :, None]
+            else:
+                out["win"] = banded.window_attention(q, k, v, q_start, 0, self.window, scale)
         return out
 
     @staticmethod

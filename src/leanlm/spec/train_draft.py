@@ -103,9 +103,31 @@ def _context_cut(tokens: torch.Tensor, feats: torch.Tensor, prompt_len: int,
     return tokens[cut:], feats[cut:], max_context
 
 
+@torch.no_grad()
+def evaluate_head(head: EagleDraftHead, embed, lm_head, data: list, cfg: DraftTrainConfig) -> dict:
+    """Teacher-forced next-token accuracy and losses of `head` on (tokens, features[, prompt_len]) sequences,
+    without feature noise, weighted by answer tokens."""
+    was_training = head.training
+    head.eval()
+    clean = DraftTrainConfig(**{**cfg.__dict__, "noise": 0.0})
+    totals, n = {"reg": 0.0, "cls": 0.0, "acc": 0.0}, 0
+    for d in data:
+        tokens, feats, prompt_len = _context_cut(d[0], d[1], d[2] if len(d) > 2 else 0, cfg.max_context)
+        m = len(tokens) - 2 - max(0, prompt_len - 2)  # predicted tokens
+        if m <= 0:
+            continue
+        _, st = draft_loss(head, embed, lm_head, tokens, feats, clean, None, prompt_len)
+        for k in totals:
+            totals[k] += st[k] * m
+        n += m
+    head.train(was_training)
+    return {k: v / max(n, 1) for k, v in totals.items()} | {"tokens": n}
+
+
 def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tensor, torch.Tensor]],
-               cfg: DraftTrainConfig, progress: bool = True) -> list[dict]:
-    """Train `head` in place on (tokens, features) sequences; returns per-step logs. The embedding and LM head are
+               cfg: DraftTrainConfig, progress: bool = True, val_data: list | None = None) -> list[dict]:
+    """Train `head` in place on (tokens, features) sequences; returns per-step logs (with `val` = held-out
+    teacher-forced accuracy/losses after each epoch when `val_data` is given). The embedding and LM head are
     frozen (they are the target's)."""
     head.train()
     for p in list(embed.parameters()) + list(lm_head.parameters()):
@@ -151,6 +173,9 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
             bar.update(1)
             bar.set_postfix(acc=f"{stats['acc']:.3f}", reg=f"{stats['reg']:.3f}")
             batch, used = [], 0
+        if val_data:
+            logs[-1]["val"] = evaluate_head(head, embed, lm_head, val_data, cfg)
+            bar.write(f"epoch {epoch}: held-out next-token accuracy {logs[-1]['val']['acc']:.3f}")
     bar.close()
     head.eval()
     return logs
