@@ -313,6 +313,8 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
     assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h3"), "--init", str(tmp_path / "nope")]) == 2
     assert "--init" in capsys.readouterr().err
     assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h3"), "--cls-weight", "-1"]) == 2
+    assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h3"), "--device", "tpu"]) == 2
+    assert "--device" in capsys.readouterr().err
     assert main(["generate", ckpt, "--prompt", "the", "--max-new-tokens", "8", "--temperature", "0", "--spec",
                  "chain", "--draft", str(head)]) == 0
 

@@ -227,8 +227,11 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
                           "the --data folder that holds them")
     import torch
 
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise LeanLMError(f"--device {args.device!r} is not available here. Fix: use --device cpu, or cuda on a "
+                          "machine with a GPU")
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.target)
+    model, tokenizer = load_model_and_tokenizer(args.target, device=args.device)
     t = time.perf_counter()
     if args.stage in ("all", "data"):
         prompts = draft_prompts(args.prompts, args.seed, args.mix)
@@ -246,6 +249,7 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
         history = init_meta.get("history", []) + [{k: init_meta.get(k) for k in ("command", "steps", "final_train")}]
     else:
         head, history = EagleDraftHead(head_config(model.config)), []
+    head.to(args.device)
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
                            batch_tokens=args.batch_tokens, max_context=args.max_context,
                            cls_weight=args.cls_weight)
@@ -495,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fresh one")
     td.add_argument("--cls-weight", type=float, default=0.1,
                     help="weight of the next-token cross-entropy beside the feature regression (EAGLE: 0.1)")
+    td.add_argument("--device", default="cpu", help="cpu or cuda: where the target answers and the head trains")
     td.add_argument("--val-prompts", type=int, default=0,
                     help="hold out the last N cached sequences; report their teacher-forced next-token accuracy "
                     "after each epoch (the head overfits small caches: watch this, not the training accuracy)")

@@ -65,7 +65,7 @@ class EagleDraftHead(nn.Module):
 
         from leanlm.checkpoint import write_folder_atomically
 
-        state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in self.state_dict().items()}
 
         def write(tmp: Path) -> None:
             (tmp / "draft_config.json").write_text(json.dumps({"config": self.config.to_dict(), **(meta or {})},

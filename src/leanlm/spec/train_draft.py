@@ -75,11 +75,14 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
     """Loss of one sequence: tokens [T], feats [T, C]. With `prompt_len` p > 0 (EAGLE's loss mask) only the
     predictions that draft answer tokens count: predicted features of positions >= p-1 (whose LM-head output is a
     token at position >= p); the prompt is still read as context."""
-    dtype = next(head.parameters()).dtype
+    param = next(head.parameters())
+    dtype, device = param.dtype, param.device
+    tokens, feats = tokens.to(device), feats.to(device)
     f_in = feats[:-1].to(dtype)[None]  # features of positions 0..T-2
     if cfg.noise:
         scale = f_in.pow(2).mean().sqrt() * cfg.noise
-        f_in = f_in + (torch.rand(f_in.shape, generator=generator, dtype=dtype) * 2 - 1) * scale
+        noise = torch.rand(f_in.shape, generator=generator, dtype=dtype).to(device)  # CPU generator: reproducible
+        f_in = f_in + (noise * 2 - 1) * scale
     emb = embed(tokens[1:][None]).to(dtype)  # tokens 1..T-1
     pos = torch.arange(1, len(tokens))[None]
     pred = head(f_in, emb, pos)[0]  # predicted features of positions 1..T-1
@@ -161,7 +164,7 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
             n = sum(d[3] for d in batch)
             stats = {"reg": 0.0, "cls": 0.0, "acc": 0.0}
             for tokens, feats, prompt_len, m in batch:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(next(head.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss, st = draft_loss(head, embed, lm_head, tokens, feats, cfg, gen, prompt_len)
                 (loss * m / n).backward()
                 for k in stats:
