@@ -182,25 +182,36 @@ def test_tree_rejection_sampling_preserves_the_target_distribution():
     assert chi2 < 20.5  # 99.9% quantile of chi-square with 5 degrees of freedom
 
 
-def test_sampled_speculative_decoding_matches_plain_sampling():
-    """Whole generations of 3 tokens: the joint distribution under tree sampling equals plain sampling."""
+def sampling_target():
+    """A tiny target whose next-token distributions are flat enough that sampling visits several outcomes."""
     target = tiny(seed=1)
     with torch.no_grad():
         target.lm_head.weight.mul_(0.0).add_(torch.randn_like(target.lm_head.weight) * 0.02)
-    prompt = torch.tensor([[1, 2, 3]])
-    n = 600
-    spec, plain = Counter(), Counter()
-    dec = decoder(target, Eagle2(total_tokens=8, depth=3, top_k=2), target, 0.3, prompt)
+    return target
+
+
+def assert_samples_like_plain(target, spec: Counter, prompt: list[int], n: int = 600) -> None:
+    """Two-sample chi-square of 2-token generations (top_k=3: <= 9 joint outcomes) sampled speculatively (`spec`)
+    against n plain samples of `target`."""
+    plain = Counter()
     for s in range(n):
-        out, _ = dec.generate(prompt, 2, temperature=1.0, top_k=3, seed=s)
-        spec[tuple(out)] += 1
-        out, _ = plain_generate(target, prompt, 2, temperature=1.0, top_k=3, seed=10_000 + s)
+        out, _ = plain_generate(target, torch.tensor([prompt]), 2, temperature=1.0, top_k=3, seed=10_000 + s)
         plain[tuple(out)] += 1
-    keys = set(spec) | set(plain)
-    # two-sample chi-square on the joint outcomes (<= 9 of them with top_k=3)
-    chi2 = sum((spec[k] - plain[k]) ** 2 / (spec[k] + plain[k]) for k in keys)
+    chi2 = sum((spec[k] - plain[k]) ** 2 / (spec[k] + plain[k]) for k in set(spec) | set(plain))
     assert chi2 < 27.9  # 99.9% quantile, 8 degrees of freedom
     assert len(spec) >= 5  # really random
+
+
+def test_sampled_speculative_decoding_matches_plain_sampling():
+    """Whole generations of 3 tokens: the joint distribution under tree sampling equals plain sampling."""
+    target = sampling_target()
+    prompt = torch.tensor([[1, 2, 3]])
+    spec = Counter()
+    dec = decoder(target, Eagle2(total_tokens=8, depth=3, top_k=2), target, 0.3, prompt)
+    for s in range(600):
+        out, _ = dec.generate(prompt, 2, temperature=1.0, top_k=3, seed=s)
+        spec[tuple(out)] += 1
+    assert_samples_like_plain(target, spec, [1, 2, 3])
 
 
 def test_process_logits_top_k_and_top_p():

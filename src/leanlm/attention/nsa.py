@@ -18,6 +18,7 @@ from torch import nn
 from leanlm.attention import sparse as ops
 from leanlm.attention.base import require_unpadded
 from leanlm.attention.gqa import GroupedQueryAttention, KVState
+from leanlm.attention.latent import LatentProjections
 from leanlm.attention.registry import register_attention
 from leanlm.cache import GrowingBuffer, LeanCache, WindowBuffer
 from leanlm.errors import ConfigError
@@ -30,15 +31,18 @@ BRANCHES = ("cmp", "slc", "win")
 def _full_keys(k, span: slice = slice(None)) -> torch.Tensor:
     """Keys [B, G, S, Dk]; latent parts (c, k_r) are concatenated to K̄ = [c ; k_r] (only over `span`)."""
     if isinstance(k, tuple):
-        c, k_rope = k
-        c = c[:, :, span]
-        return torch.cat([c, k_rope[:, :, span].expand(-1, c.shape[1], -1, -1)], dim=-1)
+        return LatentProjections.absorbed_keys(k[0][:, :, span], k[1][:, :, span])
     return k[:, :, span]
 
 
 def _key_dim(k) -> int:
     """Key width of `k` (a tensor or latent parts)."""
     return k[0].shape[-1] + k[1].shape[-1] if isinstance(k, tuple) else k.shape[-1]
+
+
+def _key_length(k) -> int:
+    """Number of keys S in `k` (a tensor or latent parts)."""
+    return (k[0] if isinstance(k, tuple) else k).shape[2]
 
 
 class SparseState:
@@ -126,8 +130,7 @@ class SparseBranches(nn.Module):
             vc = kc[..., : self.value_prefix] if self.value_prefix else ops.compress(v, self.block, self.stride, cv)
             return kc, vc
         have = state.kc.length
-        length = k[0].shape[2] if isinstance(k, tuple) else k.shape[2]
-        want = ops.num_compressed_blocks(length, self.block, self.stride)
+        want = ops.num_compressed_blocks(_key_length(k), self.block, self.stride)
         if want > have:
             span = slice(have * self.stride, (want - 1) * self.stride + self.block)
             state.kc.append(ops.compress(_full_keys(k, span), self.block, self.stride, ck))
@@ -189,11 +192,9 @@ class SparseBranches(nn.Module):
         on-device top-n, group-shared selection; one-token decoding over latent parts uses the split-K kernels."""
         from leanlm.kernels import banded, decode, selection, topk
 
-        b, h, t, _ = q.shape
-        latent = isinstance(k, tuple)
-        s = k[0].shape[2] if latent else k.shape[2]
+        t, s = q.shape[2], _key_length(k)
         q_start = s - t
-        decoding = latent and t == 1 and self.value_prefix is not None  # values = the latents' prefix
+        decoding = isinstance(k, tuple) and t == 1 and self.value_prefix is not None  # values = the latents' prefix
         if decoding:
             dc = k[0].shape[-1]
             q_lat, q_rope = q[:, :, 0, :dc], q[:, :, 0, dc:]  # [B, H, d_c], [B, H, d_r]

@@ -37,23 +37,35 @@ def _key_band(p_lo, p_hi, S, key_step, key_offset, window):
 
 
 @triton.jit
+def _query_tile(H, G, T, S, q_start, key_step, key_offset, window, BM: tl.constexpr):
+    """The program's query tile: batch b, head h, its KV group g, rows [BM] (and which are real), their positions,
+    and the key range [lo, hi) the tile needs."""
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    rows = pid_t * BM + tl.arange(0, BM)
+    p_hi = q_start + tl.minimum(pid_t * BM + BM, T) - 1
+    lo, hi = _key_band(q_start + pid_t * BM, p_hi, S, key_step, key_offset, window)
+    return b, h, h // (H // G), rows, rows < T, q_start + rows, lo, hi
+
+
+@triton.jit
+def _visible(pos, cols, key_step, key_offset, window):
+    """[M, N] mask: query at pos[i] sees key cols[j] (kp <= p and p - kp < window)."""
+    kp = cols * key_step + key_offset
+    return (kp[None, :] <= pos[:, None]) & (pos[:, None] - kp[None, :] < window)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqt, skb, skg, sks, svb, svg, svs, sob, soh, sot,
                 H, G, T, S, DK, DV, q_start, key_step, key_offset, window, scale,
                 BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    g = h // (H // G)
-    rows = pid_t * BM + tl.arange(0, BM)
-    dk, dv = tl.arange(0, BDK), tl.arange(0, BDV)
-    row_ok = rows < T
-    pos = q_start + rows  # [BM]
+    b, h, g, rows, row_ok, pos, lo, hi = _query_tile(H, G, T, S, q_start, key_step, key_offset, window, BM)
+    dv = tl.arange(0, BDV)
     q = load_tile(Q + b * sqb + h * sqh, rows, sqt, row_ok, DK, BDK)  # [BM, DK]
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    p_hi = q_start + tl.minimum(pid_t * BM + BM, T) - 1
-    lo, hi = _key_band(q_start + pid_t * BM, p_hi, S, key_step, key_offset, window)
     qk_scale = scale * 1.4426950408889634
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
@@ -61,8 +73,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
         k = load_tile(K + b * skb + g * skg, cols, sks, col_ok, DK, BDK)  # [BN, DK]
         v = load_tile(V + b * svb + g * svg, cols, svs, col_ok, DV, BDV)  # [BN, DV]
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BM, BN], log2 units
-        kp = cols * key_step + key_offset
-        see = (kp[None, :] <= pos[:, None]) & (pos[:, None] - kp[None, :] < window) & col_ok[None, :]
+        see = _visible(pos, cols, key_step, key_offset, window) & col_ok[None, :]
         s = tl.where(see, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
     o, lse = softmax_finish(m_i, l_i, acc)
@@ -76,28 +87,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, skb, skg, sks, svb, svg, svs, sdb, sdh, sdt,
                    H, G, T, S, DK, DV, q_start, key_step, key_offset, window, scale,
                    BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    g = h // (H // G)
-    rows = pid_t * BM + tl.arange(0, BM)
-    dk, dv = tl.arange(0, BDK), tl.arange(0, BDV)
-    row_ok = rows < T
-    pos = q_start + rows
+    b, h, g, rows, row_ok, pos, lo, hi = _query_tile(H, G, T, S, q_start, key_step, key_offset, window, BM)
+    dk = tl.arange(0, BDK)
     q = load_tile(Q + b * sqb + h * sqh, rows, sqt, row_ok, DK, BDK)
     do = load_tile(DO + b * sdb + h * sdh, rows, sdt, row_ok, DV, BDV)
     lse = tl.load(LSE + (b * H + h) * T + rows, mask=row_ok, other=float("-inf"))
     delta = tl.load(DELTA + (b * H + h) * T + rows, mask=row_ok, other=0.0)
     lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: p = 0
     dq = tl.zeros([BM, BDK], tl.float32)
-    p_hi = q_start + tl.minimum(pid_t * BM + BM, T) - 1
-    lo, hi = _key_band(q_start + pid_t * BM, p_hi, S, key_step, key_offset, window)
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
         col_ok = cols < hi
         k = load_tile(K + b * skb + g * skg, cols, sks, col_ok, DK, BDK)
         v = load_tile(V + b * svb + g * svg, cols, svs, col_ok, DV, BDV)
-        kp = cols * key_step + key_offset
-        see = (kp[None, :] <= pos[:, None]) & (pos[:, None] - kp[None, :] < window) & col_ok[None, :]
+        see = _visible(pos, cols, key_step, key_offset, window) & col_ok[None, :]
         s = tl.dot(q, tl.trans(k)) * scale
         p = tl.where(see, tl.exp(s - lse_safe[:, None]), 0.0)  # [BM, BN]
         dp = tl.dot(do, tl.trans(v))  # [BM, BN]
@@ -120,7 +123,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_,
     col_ok = cols < S
     k = load_tile(K + b * skb + g * skg, cols, sks, col_ok, DK, BDK)  # [BN, DK]
     v = load_tile(V + b * svb + g * svg, cols, svs, col_ok, DV, BDV)  # [BN, DV]
-    kp = cols * key_step + key_offset
     # queries that can see some key of this tile: positions kp_min .. kp_max + window - 1
     kp_min = pid_s * BN * key_step + key_offset
     kp_max = (tl.minimum(pid_s * BN + BN, S) - 1) * key_step + key_offset
@@ -140,8 +142,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_,
             lse = tl.load(LSE + (b * H + h) * T + rows, mask=row_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + (b * H + h) * T + rows, mask=row_ok, other=0.0)
-            see = (kp[None, :] <= pos[:, None]) & (pos[:, None] - kp[None, :] < window) \
-                & col_ok[None, :] & row_ok[:, None]
+            see = _visible(pos, cols, key_step, key_offset, window) & col_ok[None, :] & row_ok[:, None]
             s = tl.dot(q, tl.trans(k)) * scale  # [BM, BN]
             p = tl.where(see, tl.exp(s - lse[:, None]), 0.0)
             dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)

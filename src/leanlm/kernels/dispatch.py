@@ -9,6 +9,7 @@ Tree-masked and padded batches always take the reference path (the kernels know 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -31,12 +32,18 @@ def kernel_choice(config_value: str = "auto") -> str:
     return config_value
 
 
+@functools.cache
+def _have_triton() -> bool:
+    """Whether Triton is installed (looked up once: every sparse/latent layer asks on every forward)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_kernels(device: torch.device, config_value: str = "auto") -> bool:
     """True when the Triton kernels should run for tensors on `device`."""
     choice = kernel_choice(config_value)
     if choice == "torch":
         return False
-    have_triton = importlib.util.find_spec("triton") is not None
+    have_triton = _have_triton()
     if choice == "auto":
         return device.type == "cuda" and have_triton
     if not have_triton:

@@ -22,15 +22,27 @@ from leanlm.kernels.common import (block_dim, contiguous_last, load_tile, online
 
 
 @triton.jit
-def _rows(pid_t, g, H, G, T, q_start, QG: tl.constexpr, BM: tl.constexpr):
-    """The tile's rows: token index and head of each, and which are real."""
+def _rows(H, G, T, q_start, QG: tl.constexpr, BM: tl.constexpr):
+    """The program's tile: batch b, KV group g, each row's token index and head, which rows are real, and the token
+    whose block list the run uses."""
+    pid_t, pid_bg = tl.program_id(0), tl.program_id(1)
     hg = H // G
+    g = pid_bg % G
     r = tl.arange(0, BM)
     first = pid_t * QG - q_start % QG  # token index of the run's first position (may be < 0 for the first run)
     tok = first + r // hg
     head = g * hg + r % hg
     ok = (r < QG * hg) & (tok >= 0) & (tok < T)
-    return tok, head, ok, tl.maximum(first, 0)
+    return pid_bg // G, g, tok, head, ok, tl.maximum(first, 0)
+
+
+@triton.jit
+def _block_cols(blocks, i, sel_block, k_start, S, BN: tl.constexpr):
+    """Key positions [BN] of the i-th selected block in the list at `blocks`, their indices into the key tensor and
+    which are real (a -1 entry gives negative indices, all masked)."""
+    kp = tl.load(blocks + i) * sel_block + tl.arange(0, BN)
+    cols = kp - k_start
+    return kp, cols, (tl.arange(0, BN) < sel_block) & (cols >= 0) & (cols < S)
 
 
 @triton.jit
@@ -39,9 +51,7 @@ def _fwd_kernel(Q, K, V, IDX, O, LSE,
                 H, G, T, S, DK, DV, q_start, k_start, sel_block, scale,
                 COUNT: tl.constexpr, QG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr,
                 BDV: tl.constexpr):
-    pid_t, pid_bg = tl.program_id(0), tl.program_id(1)
-    b, g = pid_bg // G, pid_bg % G
-    tok, head, ok, t0 = _rows(pid_t, g, H, G, T, q_start, QG, BM)
+    b, g, tok, head, ok, t0 = _rows(H, G, T, q_start, QG, BM)
     dk, dv = tl.arange(0, BDK), tl.arange(0, BDV)
     pos = q_start + tok
     q = load_tile(Q + b * sqb, head * sqh + tok * sqt, 1, ok, DK, BDK)  # [BM, DK]
@@ -50,10 +60,7 @@ def _fwd_kernel(Q, K, V, IDX, O, LSE,
     acc = tl.zeros([BM, BDV], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for i in range(COUNT):
-        blk = tl.load(IDX + b * sib + g * sig + t0 * sit + i)
-        kp = blk * sel_block + tl.arange(0, BN)  # key positions of the block
-        cols = kp - k_start
-        col_ok = (tl.arange(0, BN) < sel_block) & (cols >= 0) & (cols < S)  # blk = -1 gives negative cols
+        kp, cols, col_ok = _block_cols(IDX + b * sib + g * sig + t0 * sit, i, sel_block, k_start, S, BN)
         k = load_tile(K + b * skb + g * skg, cols, sks, col_ok, DK, BDK)  # [BN, DK]
         v = load_tile(V + b * svb + g * svg, cols, svs, col_ok, DV, BDV)  # [BN, DV]
         s = tl.dot(q, tl.trans(k)) * qk_scale
@@ -72,9 +79,7 @@ def _bwd_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, DKF, DVF,
                 H, G, T, S, DK, DV, q_start, k_start, sel_block, scale,
                 COUNT: tl.constexpr, QG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr,
                 BDV: tl.constexpr):
-    pid_t, pid_bg = tl.program_id(0), tl.program_id(1)
-    b, g = pid_bg // G, pid_bg % G
-    tok, head, ok, t0 = _rows(pid_t, g, H, G, T, q_start, QG, BM)
+    b, g, tok, head, ok, t0 = _rows(H, G, T, q_start, QG, BM)
     dk, dv = tl.arange(0, BDK), tl.arange(0, BDV)
     pos = q_start + tok
     q = load_tile(Q + b * sqb, head * sqh + tok * sqt, 1, ok, DK, BDK)
@@ -84,10 +89,7 @@ def _bwd_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, DKF, DVF,
     delta = tl.load(DELTA + (b * H + head) * T + tok, mask=ok, other=0.0)
     dq = tl.zeros([BM, BDK], tl.float32)
     for i in range(COUNT):
-        blk = tl.load(IDX + b * sib + g * sig + t0 * sit + i)
-        kp = blk * sel_block + tl.arange(0, BN)
-        cols = kp - k_start
-        col_ok = (tl.arange(0, BN) < sel_block) & (cols >= 0) & (cols < S)  # blk = -1 gives negative cols
+        kp, cols, col_ok = _block_cols(IDX + b * sib + g * sig + t0 * sit, i, sel_block, k_start, S, BN)
         k = load_tile(K + b * skb + g * skg, cols, sks, col_ok, DK, BDK)
         v = load_tile(V + b * svb + g * svg, cols, svs, col_ok, DV, BDV)
         see = col_ok[None, :] & (kp[None, :] <= pos[:, None]) & ok[:, None]

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def evaluate_head(head: EagleDraftHead, embed, lm_head, data: list, cfg: DraftTr
     without feature noise, weighted by answer tokens."""
     was_training = head.training
     head.eval()
-    clean = DraftTrainConfig(**{**cfg.__dict__, "noise": 0.0})
+    clean = dataclasses.replace(cfg, noise=0.0)
     totals, n = {"reg": 0.0, "cls": 0.0, "acc": 0.0}, 0
     for d in data:
         tokens, feats, prompt_len = _context_cut(d[0], d[1], d[2] if len(d) > 2 else 0, cfg.max_context)
