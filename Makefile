@@ -7,7 +7,7 @@ export LEANLM_CACHE := $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/asa_compare.py
+
+# Pure-Python wheels the GPU check needs beyond the GPU machine's torch/transformers/triton (see
+# benchmarks/gpu_check.sh); a few MB, carried to the machine in the git-ignored .whl/ folder.
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: \
+		--implementation py --abi none --platform any --python-version 3.10 -d .whl \
+		pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments exceptiongroup tomli typing-extensions pytest-timeout
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -34,15 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER = dict(vocab_size=256, hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
              head_dim=64, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
              gla_latent_heads=4, gla_kv_lora_rank=512, nsa_select_count=16, nsa_window=512)
+# --smoke: the same layer kinds, narrower (4 heads, 1 KV / latent head), so the interpreter finishes quickly.
+SMOKE_LAYER = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, kv_lora_rank=64, gla_latent_heads=1,
+                   gla_kv_lora_rank=128, nsa_select_count=4, nsa_window=64)
 ASA = dict(attention="asa", nsa_compress_block=16, nsa_compress_stride=16, nsa_select_block=16, nsa_query_group=4)
 NSA = dict(attention="nsa", nsa_compress_block=32, nsa_compress_stride=16, nsa_select_block=64, nsa_query_group=1)
 
 
-def timer(device):
+def timer(device, default_warmup: int = 2):
     """Median milliseconds of fn() over reps (CUDA events on GPU, wall clock on CPU)."""
     import torch
 
-    def run(fn, reps: int, warmup: int = 2) -> float:
+    def run(fn, reps: int, warmup: int | None = None) -> float:
+        warmup = default_warmup if warmup is None else warmup
         for _ in range(warmup):
             fn()
         times = []
@@ -301,6 +305,7 @@ def main() -> int:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.lengths, args.decode_lengths, args.decode_batch, args.reps = "64", "256", "1", 1
+        LAYER.update(SMOKE_LAYER)  # the interpreter runs every program in Python: narrow layers keep it to a minute
     import torch
 
     args.lengths = [int(x) for x in str(args.lengths).split(",")]
@@ -312,7 +317,7 @@ def main() -> int:
               "script on CPU", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    run = timer(device)
+    run = timer(device, default_warmup=0 if args.smoke else 2)  # smoke: a script check, timings meaningless
     bandwidth = copy_bandwidth(device, run)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
               "dtype": str(dtype), "reps": args.reps, "bandwidth_GBps": bandwidth / 1e9,

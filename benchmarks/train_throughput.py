@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps-per-round", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG (default docs/results)")
     args = ap.parse_args()
+    results = Path(args.out)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -110,9 +112,9 @@ def main() -> None:
     result["ratio_leanlm_over_llama"] = (result["models"]["leanlm"]["tokens_per_s"]
                                          / result["models"]["transformers Llama"]["tokens_per_s"])
     print(json.dumps(result, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     stem = f"training-{args.config}-{device.type}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
 
     import matplotlib
 
@@ -128,8 +130,8 @@ def main() -> None:
     ax.set_ylabel("training tokens/s (median)")
     ax.set_title(f"{args.config}, B={args.batch_size} T={args.seq_len}, {result['device']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png")
-    print(f"wrote {RESULTS / stem}.json/.png; leanlm / Llama = {result['ratio_leanlm_over_llama']:.3f}")
+    fig.savefig(results / f"{stem}.png")
+    print(f"wrote {results / stem}.json/.png; leanlm / Llama = {result['ratio_leanlm_over_llama']:.3f}")
 
 
 if __name__ == "__main__":

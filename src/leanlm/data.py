@@ -9,6 +9,12 @@ The tokenizer is either a byte-level BPE trained here with the `tokenizers` libr
 The cache key covers everything that changes the result, so a changed corpus or setting builds a new cache;
 files are written to a temporary folder and renamed into place, so an interrupted build leaves nothing behind.
 
+The build streams: documents are read one at a time (`leanlm.corpus.iter_documents`: one pass for the names that
+decide the split, one to train the BPE, one to tokenize), and long documents are tokenized in pieces of at most
+`TOKENIZE_CHARS` characters cut before a space that starts a word, which gives the same ids as tokenizing the whole
+text for byte-level BPE tokenizers (GPT-2-style pre-tokenization never merges across such a point; tested). Memory
+therefore stays flat in the corpus size (bounded by the largest single file; measured in docs/results/training.md).
+
 Training reads fixed-length windows of `seq_len + 1` tokens (`TokenWindows`), in an order given by
 `SampleOrder`: a seeded permutation per epoch, addressed by a global sample counter, which is all that a
 checkpoint has to store to resume the data stream exactly.
@@ -27,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leanlm.corpus import Document, cache_root, load_documents
+from leanlm.corpus import Document, cache_root, iter_documents, source_parts
 from leanlm.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a single-file source is cut into documents
+TOKENIZE_CHARS = 1 << 18  # longest piece of text handed to the tokenizer at once
+BATCH_CHARS = 1 << 20  # characters tokenized per batch (several pieces, so the tokenizer uses every core)
 
 
 @dataclass
@@ -45,6 +53,14 @@ class DataConfig:
     val_fraction: float = 0.05
 
     def check(self) -> None:
+        try:
+            source_parts(self.source)
+        except DataError as exc:
+            raise ConfigError("data.source", str(exc).split(". Fix:")[0].removeprefix("data.source "),
+                              "list corpora or paths separated by single commas, e.g. bundled") from None
+        for name in ("text_field", "tokenizer"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"data.{name}", "is empty", "use the default (text / bpe) or name one")
         if self.seq_len <= 0:
             raise ConfigError("data.seq_len", f"must be > 0, got {self.seq_len}", "use e.g. 256")
         if not 0.0 < self.val_fraction < 0.5:
@@ -89,8 +105,9 @@ def _source_fingerprint(source: str) -> list:
     return parts
 
 
-def train_bpe(docs: list[Document], vocab_size: int):
-    """A byte-level BPE with `EOT` as id 0, trained on `docs`; returned as a `PreTrainedTokenizerFast`."""
+def train_bpe(docs, vocab_size: int):
+    """A byte-level BPE with `EOT` as id 0, trained on the documents of iterable `docs` (long ones in pieces); returned
+    as a `PreTrainedTokenizerFast`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,7 +116,7 @@ def train_bpe(docs: list[Document], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((d.text for d in docs), trainer=trainer)
+    tok.train_from_iterator((piece for d in docs for piece in text_pieces(d.text)), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=None,
                                    pad_token=EOT, clean_up_tokenization_spaces=False)
 
@@ -114,16 +131,58 @@ def load_pretrained_tokenizer(path: str):
                           "use 'bpe' or a local directory holding tokenizer.json") from exc
 
 
-def _write_tokens(path: Path, docs: list[Document], tokenizer, dtype) -> int:
+def text_pieces(text: str, limit: int = TOKENIZE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most ~`limit` characters, each cut placed before a space that is followed by a
+    non-space (so byte-level BPE gives the same ids piece by piece as for the whole text); a run without any such
+    space is cut at `limit`."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end, low = start + limit, start + limit // 2
+        cut = text.rfind(" ", low, end)
+        while cut > low and text[cut + 1 : cut + 2].isspace():
+            cut = text.rfind(" ", low, cut)
+        if cut <= low:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _write_tokens(path: Path, docs, tokenizer, dtype, desc: str = "tokenize") -> int:
+    """Tokenize the documents of iterable `docs` into flat file `path` (an end-of-text id after each document), in
+    batches of about BATCH_CHARS characters; returns the token count."""
+    from tqdm.auto import tqdm
+
     eos = tokenizer.eos_token_id
     total = 0
-    with open(path, "wb") as f:
-        for start in range(0, len(docs), 64):
-            batch = [d.text for d in docs[start : start + 64]]
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                arr = np.asarray(ids + [eos], dtype=dtype)
-                f.write(arr.tobytes())
-                total += arr.size
+    batch: list[str] = []
+    ends: list[bool] = []  # whether batch[i] is the last piece of its document
+    size = 0
+
+    def flush(f) -> int:
+        n = 0
+        for ids, last in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
+            arr = np.asarray(ids + [eos] if last else ids, dtype=dtype)
+            f.write(arr.tobytes())
+            n += arr.size
+        batch.clear()
+        ends.clear()
+        return n
+
+    with open(path, "wb") as f, tqdm(desc=desc, unit="doc", leave=False, disable=None) as bar:
+        for doc in docs:
+            pieces = text_pieces(doc.text)
+            for i, piece in enumerate(pieces):
+                batch.append(piece)
+                ends.append(i == len(pieces) - 1)
+                size += len(piece)
+                if size >= BATCH_CHARS:
+                    total += flush(f)
+                    size = 0
+            bar.update(1)
+        if batch:
+            total += flush(f)
     return total
 
 
@@ -154,20 +213,48 @@ def prepare_data(cfg: DataConfig, vocab_size: int) -> PreparedData:
     return PreparedData(out, train, val, tokenizer, meta)
 
 
+def split_names(names: list[str], val_fraction: float) -> set[str]:
+    """The validation documents among `names` (in corpus order), by the same rule as `split_documents`."""
+    val = {n for n in names if is_validation(n, val_fraction)}
+    if not val and names:
+        val = {names[-1]}
+    if len(val) >= len(set(names)):
+        raise DataError("the corpus has a single document, so nothing is left to train on after holding out "
+                        "validation text. Fix: add documents (one per .txt file or .jsonl line), or pass a single "
+                        ".txt file as data.source (it is cut into documents)")
+    return val
+
+
 def _build(cfg: DataConfig, vocab_size: int, out: Path, key_src: dict) -> None:
-    docs = load_documents(cfg.source, cfg.text_field)
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-    tokenizer = train_bpe(train_docs, vocab_size) if cfg.tokenizer == "bpe" else load_pretrained_tokenizer(cfg.tokenizer)
+    def docs():
+        return iter_documents(cfg.source, cfg.text_field)
+
+    names = [d.name for d in docs()]  # pass 1: names only (one document in memory at a time)
+    if not names:
+        raise DataError(f"data.source {cfg.source!r} holds no text. Fix: point it at non-empty UTF-8 documents")
+    val_names = split_names(names, cfg.val_fraction)
+
+    def train_docs():
+        return (d for d in docs() if d.name not in val_names)
+
+    def val_docs():
+        return (d for d in docs() if d.name in val_names)
+
+    if cfg.tokenizer == "bpe":
+        tokenizer = train_bpe(train_docs(), vocab_size)
+    else:
+        tokenizer = load_pretrained_tokenizer(cfg.tokenizer)
     dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         tokenizer.save_pretrained(str(tmp))
-        n_train = _write_tokens(tmp / "train.bin", train_docs, tokenizer, dtype)
-        n_val = _write_tokens(tmp / "val.bin", val_docs, tokenizer, dtype)
+        n_train = _write_tokens(tmp / "train.bin", train_docs(), tokenizer, dtype, "tokenize train")
+        n_val = _write_tokens(tmp / "val.bin", val_docs(), tokenizer, dtype, "tokenize val")
+        val_list = [n for n in names if n in val_names]
         meta = {**key_src, "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
-                "train_docs": len(train_docs), "val_docs": len(val_docs),
-                "val_doc_names": [d.name for d in val_docs], "vocab": len(tokenizer),
+                "train_docs": len(names) - len(val_list), "val_docs": len(val_list),
+                "val_doc_names": val_list, "vocab": len(tokenizer),
                 "data_config": asdict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:

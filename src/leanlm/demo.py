@@ -35,7 +35,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
     from leanlm.train import Trainer
 
     t0 = time.perf_counter()
-    overrides = [f"train.out_dir={out_dir}", "train.resume=never", "wisca.every=100"]
+    # The demo owns its out_dir: each run starts from scratch there (train.overwrite replaces the previous demo run).
+    overrides = [f"train.out_dir={out_dir}", "train.resume=never", "train.overwrite=true", "wisca.every=100"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     run = load_run_config("tiny-asa", overrides)
@@ -64,7 +65,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
           f"{', '.join(str(r['step']) for r in wisca_cb.log)}), Q/K and V/O factors between "
           f"{min(r['factor_min'] for r in wisca_cb.log):.2f} and {max(r['factor_max'] for r in wisca_cb.log):.2f}, "
           f"{wisca_cb.seconds * 1000:.0f} ms in all")
-    ckpt = trainer.ckpt_dir / f"step-{trainer.step:08d}"
+    ckpt = trainer.last_checkpoint
     print(f"validation perplexity {first_val:,.0f} at init -> {metrics['val_ppl']:.1f} after training "
           f"({time.perf_counter() - t:.0f}s); loss curve {trainer.out_dir / 'loss.png'}")
 

@@ -25,3 +25,15 @@ class DataError(LeanLMError, ValueError):
 
 class CheckpointError(LeanLMError, ValueError):
     """A checkpoint is missing, incomplete or corrupt."""
+
+
+class TrainingError(LeanLMError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN or infinite); the last good checkpoint is kept."""
+
+
+class RunLockedError(LeanLMError, RuntimeError):
+    """Another process holds the out_dir of this run."""
+
+
+class ModelError(LeanLMError, TypeError):
+    """A model (or other object) passed to a leanlm function is of a kind it cannot use."""

@@ -9,6 +9,7 @@ and values of the wrong type, raise `ConfigError` naming the key and the fix bef
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,13 +75,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(key, f"must be a finite number, got {value!r}", "give a finite value")
+            return number
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -98,8 +104,10 @@ def build_run_config(raw: dict[str, Any]) -> RunConfig:
     raw = dict(raw or {})
     unknown = set(raw) - {"model"} - set(SECTIONS)
     if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown config section",
+        raise ConfigError(str(sorted(map(str, unknown))[0]), "unknown config section",
                           f"use one of {['model'] + sorted(SECTIONS)}")
+    for name, section in raw.items():
+        _check_mapping(name, section)
     model_fields = _model_fields()
     model = dict(raw.get("model") or {})
     for key, value in model.items():
@@ -119,12 +127,40 @@ def build_run_config(raw: dict[str, Any]) -> RunConfig:
             obj.check()
         sections[name] = obj
     run = RunConfig(model=model, sections=sections)
-    run.model_config()  # validates the model section
+    _check_across_sections(run, run.model_config())  # model_config() validates the model section
     return run
+
+
+def _check_mapping(name: str, section: Any) -> None:
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(name, f"a section must be a mapping of key: value, got a {type(section).__name__}",
+                          f"write it as `{name}:` followed by indented `key: value` lines (see configs/tiny.yaml)")
+    for key in section or {}:
+        if not isinstance(key, str):
+            raise ConfigError(f"{name}.{key}", "keys must be field names", "see configs/tiny.yaml")
+
+
+def _check_across_sections(run: RunConfig, model: LeanLMConfig) -> None:
+    """Checks that need two sections: the training sequence must fit the model's context, and a sparse layer's
+    sliding window must fit the training sequence (a larger window never slides, so NSA/ASA's sparse branches
+    would train as full attention)."""
+    data = run.sections.get("data")
+    if data is None:
+        return
+    if data.seq_len > model.max_position_embeddings:
+        raise ConfigError("data.seq_len", f"{data.seq_len} is longer than the model's context "
+                          f"max_position_embeddings={model.max_position_embeddings}",
+                          f"use data.seq_len <= {model.max_position_embeddings} or raise model.max_position_embeddings")
+    if any(kind in ("nsa", "asa") for kind in model.layer_attention) and model.nsa_window > data.seq_len:
+        raise ConfigError("model.nsa_window", f"window {model.nsa_window} is longer than the training sequence "
+                          f"data.seq_len={data.seq_len}, so it would never slide",
+                          f"use model.nsa_window <= {data.seq_len} (a multiple of nsa_select_block)")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to a nested dict; returns a new dict."""
+    for name, section in (raw or {}).items():
+        _check_mapping(str(name), section)
     out = {k: dict(v or {}) for k, v in (raw or {}).items()}
     for item in overrides:
         if "=" not in item:
@@ -133,6 +169,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "." not in key:
             raise ConfigError(key, "override keys name their section", f"e.g. --set train.{key}=... or model.{key}=...")
         section, name = key.split(".", 1)
+        if not section or not name:
+            raise ConfigError(key, "an override key is section.field", "e.g. --set train.lr=3e-4")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
@@ -154,12 +192,36 @@ def find_config(name_or_path: str) -> Path:
                       "pass a YAML path or one of tiny, tiny-asa, small, 125m, 350m")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key; let SafeLoader report it
+                break
+            if duplicate:
+                raise ConfigError(str(key), f"is given twice in one mapping (line {key_node.start_mark.line + 1})",
+                                  "keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
     path = find_config(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          "save the file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror})", "pass a readable YAML file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"is not valid YAML ({exc})", "fix the YAML syntax") from exc
+        first = " ".join(str(exc).split())
+        raise ConfigError(str(path), f"is not valid YAML ({first[:200]})", "fix the YAML syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "must be a mapping of sections", "see configs/tiny.yaml")
     return build_run_config(apply_overrides(raw, overrides or []))

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,10 +38,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from leanlm.checkpoint import (atomic_write_text, check_checkpoint, latest_checkpoint, load_trainer_state,
-                               remove_stale_temporaries, save_checkpoint)
+from leanlm.checkpoint import (atomic_write_text, check_checkpoint, list_checkpoints, load_tensors, load_trainer_state,
+                               read_json_object, remove_stale_temporaries, save_checkpoint)
 from leanlm.data import DataConfig, PreparedData, SampleOrder, TokenWindows, prepare_data
-from leanlm.errors import CheckpointError, ConfigError
+from leanlm.errors import CheckpointError, ConfigError, LeanLMError, TrainingError
+from leanlm.lock import OutDirLock
 from leanlm.model import LeanLMForCausalLM
 from leanlm.runconfig import RunConfig, register_section
 
@@ -71,7 +73,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     fsdp: bool = False  # FSDP2 fully_shard instead of DDP when world_size > 1
     compile: bool = False
-    resume: str = "auto"  # auto (from out_dir's latest checkpoint if any) | never | <checkpoint path>
+    resume: str = "auto"  # auto (from out_dir's newest complete checkpoint if any) | never | <checkpoint path>
+    overwrite: bool = False  # start from scratch in an out_dir that holds another run, deleting that run's files
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     progress: bool = True
 
@@ -100,6 +103,15 @@ class TrainConfig:
             raise ConfigError("train.device", f"unknown device {self.device!r}", "use auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device", "cuda was asked for but no GPU is visible", "use auto or cpu")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError("train.seed", f"must be in [0, 2**32), got {self.seed}", "use e.g. 1337")
+        if not str(self.out_dir).strip():
+            raise ConfigError("train.out_dir", "is empty", "name a folder, e.g. runs/my-run")
+        if not str(self.resume).strip():
+            raise ConfigError("train.resume", "is empty", "use auto, never or a checkpoint path")
+        if self.overwrite and self.resume not in ("auto", "never"):
+            raise ConfigError("train.overwrite", "starts a run from scratch, which contradicts resuming from "
+                              f"{self.resume!r}", "drop train.overwrite, or set train.resume=never")
 
 
 register_section("data", DataConfig)
@@ -216,15 +228,31 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.last_checkpoint: Path | None = None
+        self._started = False
+        # One trainer per out_dir (rank 0 holds the lock for the whole job); released by fit()/close() or on exit.
+        self._lock = OutDirLock(self.out_dir) if self.rank == 0 else None
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            self._setup(data)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release(remove_if_unused=True)
+            raise
 
-        # Resolve the checkpoint to resume from before any work, so a bad path fails fast.
-        self.resume_from: Path | None = None
-        if cfg.resume == "auto":
-            self.resume_from = latest_checkpoint(self.ckpt_dir)
-        elif cfg.resume != "never":
-            self.resume_from = Path(cfg.resume)
-        if self.resume_from is not None:
-            check_checkpoint(self.resume_from)
+    def _setup(self, data: PreparedData | None) -> None:
+        cfg = self.cfg
+        # Decide what this run does with out_dir before any work, so a bad checkpoint or a foreign run fails fast.
+        self._resume_state: dict[str, Any] | None = None  # the checked trainer state, kept for resume()
+        plan = self._plan_out_dir() if self.rank == 0 else None
+        if self.distributed:
+            box = [plan]
+            dist.broadcast_object_list(box, src=0)
+            plan = box[0]
+        self.resume_from: Path | None = plan["resume"]
+        self._clear_out_dir: bool = plan["clear"]
+        self._corrupt: list[tuple[Path, str]] = plan["corrupt"]
 
         # Data: rank 0 builds the cache, the others wait and then read it.
         if data is None:
@@ -242,6 +270,7 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = LeanLMForCausalLM(self.model_config).to(self.device)
+        self._check_weights_finite("at initialisation")
         self.raw_model = self.model
         self.wrapped = self._wrap(self.model)
         isolated = [p for cb in self.callbacks for p in cb.isolated_params(self.model)]
@@ -252,6 +281,130 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * self.data_cfg.seq_len
         self.history: list[dict[str, Any]] = []
+
+    # --------------------------------------------------------------------------------------------- out_dir
+    def _used_by(self) -> str | None:
+        """What of an earlier run `out_dir` holds (None when it holds nothing of one)."""
+        found = list_checkpoints(self.ckpt_dir)
+        if found:
+            return f"checkpoints up to step {found[-1][0]}"
+        if self.metrics_path.exists() or (self.ckpt_dir / "latest").exists():
+            return "metrics.jsonl of a run" if self.metrics_path.exists() else "a checkpoints/latest pointer"
+        return None
+
+    def _same_run_config(self) -> bool:
+        try:
+            return json.loads((self.out_dir / "run_config.json").read_text()) == json.loads(
+                json.dumps(self.run.to_dict()))
+        except (OSError, ValueError):
+            return False
+
+    def _plan_out_dir(self) -> dict[str, Any]:
+        """Where to resume from, whether to clear an earlier run's files first, and which corrupt checkpoints to move
+        aside; raises before any work if this run would mix with (or delete) another run's files."""
+        cfg = self.cfg
+        used = self._used_by()
+        plan: dict[str, Any] = {"resume": None, "clear": False, "corrupt": []}
+        fix = ("choose a new train.out_dir, resume that run with train.resume=auto, or pass train.overwrite=true to "
+               "delete its files and start over")
+        if cfg.overwrite:
+            plan["clear"] = used is not None
+            return plan
+        if cfg.resume == "never":
+            if used is not None:
+                raise ConfigError("train.resume", f"never starts from scratch, but train.out_dir {self.out_dir} holds "
+                                  f"another run ({used})", fix)
+            return plan
+        if cfg.resume == "auto":
+            found = list_checkpoints(self.ckpt_dir)
+            if not found:
+                if used is not None and not self._same_run_config():
+                    raise ConfigError("train.out_dir", f"{self.out_dir} holds {used} of a run with another config "
+                                      "and no checkpoint to resume", fix)
+                return plan
+            errors: list[tuple[Path, str]] = []
+            for _, path in reversed(found):
+                try:
+                    self._resume_state = self._validate_checkpoint(path)
+                except CheckpointError as exc:
+                    errors.append((path, str(exc)))
+                    continue
+                plan.update(resume=path, corrupt=errors)
+                return plan
+            raise CheckpointError(f"no complete checkpoint to resume in {self.ckpt_dir}: {errors[0][1]} (and "
+                                  f"{len(errors) - 1} older ones failed too)" if len(errors) > 1 else errors[0][1])
+        path = Path(cfg.resume)
+        self._resume_state = self._validate_checkpoint(path)
+        step = self._resume_state["step"]
+        later = [s for s, _ in list_checkpoints(self.ckpt_dir) if s > step]
+        own = path.resolve().parent == self.ckpt_dir.resolve()
+        if later or (used is not None and not own):
+            what = f"checkpoints past step {step} (up to {later[-1]})" if later else f"another run ({used})"
+            raise ConfigError("train.resume", f"resuming {path} into train.out_dir {self.out_dir} would mix with "
+                              f"{what}", "resume into a new train.out_dir (the checkpoint is only read)")
+        plan["resume"] = path
+        return plan
+
+    def _validate_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Check `path` fully (files, checksums, trainer state, model config unchanged); returns its trainer state."""
+        check_checkpoint(path)
+        state = load_trainer_state(path)
+        run_file = path / "run_config.json"
+        if run_file.exists():
+            saved = read_json_object(run_file, "run config", "use another checkpoint", required=("model",))
+            self._check_same_model(saved.get("model") or {}, path)
+        return state
+
+    def _check_same_model(self, saved: dict[str, Any], path: Path) -> None:
+        """One line naming the model fields that differ between the checkpoint and this run."""
+        from leanlm.config import LeanLMConfig
+
+        try:
+            before = LeanLMConfig(**saved).to_dict()
+        except LeanLMError as exc:
+            raise CheckpointError(f"checkpoint {path} has an invalid run_config.json ({exc})") from None
+        now = self.model_config.to_dict()
+        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in LeanLMConfig.__annotations__
+                   if before.get(k) != now.get(k)]
+        if changed:
+            raise ConfigError("model", f"differs from checkpoint {path} ({'; '.join(changed[:6])}"
+                              f"{'; ...' if len(changed) > 6 else ''})",
+                              "resume with the checkpoint's model section (see its run_config.json), or train into "
+                              "a new train.out_dir")
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _check_weights_finite(self, when: str) -> None:
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingError(f"model weights are NaN or infinite {when} ({bad[0]}). Fix: check model."
+                                f"initializer_range and the other model fields")
+
+    def _prepare_out_dir(self) -> None:
+        """Rank 0, at the start of fit(): apply the out_dir plan (clear a replaced run, move corrupt checkpoints
+        aside so nothing is lost) and clean up half-written temporaries."""
+        import shutil
+
+        if self._clear_out_dir:
+            for _, path in list_checkpoints(self.ckpt_dir):
+                shutil.rmtree(path)
+            for name in ("latest",):
+                (self.ckpt_dir / name).unlink(missing_ok=True)
+            for name in ("metrics.jsonl", "loss.png", "run_config.json"):
+                (self.out_dir / name).unlink(missing_ok=True)
+            print(f"note: train.overwrite: removed the earlier run's checkpoints and metrics in {self.out_dir}",
+                  file=sys.stderr)
+        for path, why in self._corrupt:
+            aside = path.with_name("corrupt-" + path.name)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.rename(path, aside)
+            print(f"note: {why.split('. Fix:')[0]}; moved it to {aside} and resumed from {self.resume_from}",
+                  file=sys.stderr)
+        self._corrupt = []
+        remove_stale_temporaries(self.ckpt_dir)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _barrier(self) -> None:
@@ -370,17 +523,17 @@ class Trainer:
 
             path = save_checkpoint(self.ckpt_dir, self.step, write, keep=self.cfg.keep_checkpoints,
                                    before_rename=lambda: _fault("checkpoint", self.step))
+            self.last_checkpoint = path
         self._barrier()
         return path
 
-    def resume(self, path: Path) -> None:
-        """Restore everything from checkpoint `path`."""
-        from safetensors.torch import load_file
+    def resume(self, path: Path, state: dict[str, Any] | None = None) -> None:
+        """Restore everything from checkpoint `path` (`state`: its trainer state, if already loaded and checked)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        check_checkpoint(path)
-        state = load_trainer_state(path)
-        model_sd = load_file(str(path / "model.safetensors"))
+        if state is None:
+            state = self._validate_checkpoint(path)
+        model_sd = load_tensors(path / "model.safetensors", "checkpoint weights", "use another checkpoint")
         expected = set(self.raw_model.state_dict())
         for key in expected - set(model_sd):  # tied weights are stored once
             tied = self.raw_model._tied_weights_keys or {}
@@ -395,19 +548,28 @@ class Trainer:
             set_state_dict(self.model, self.optimizer, model_state_dict=model_sd,
                            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({exc}). Fix: resume with "
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({first}). Fix: resume with "
                                   f"the config it was trained with ({path}/run_config.json)") from exc
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(cb_state)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.last_checkpoint = path
         if self.rank == 0 and self.metrics_path.exists():
-            # Drop metric records written after the checkpoint by the interrupted run.
-            kept = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-            atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
-            self.history = [json.loads(ln) for ln in kept]
+            # Keep the records up to the checkpoint; drop those the interrupted run wrote after it, and any line it
+            # left half-written (a kill during a write) or that is not a JSON record.
+            kept = []
+            for ln in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(ln)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step:
+                    kept.append(rec)
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.history = kept
 
     # ------------------------------------------------------------------------------------------------ logging
     def log(self, record: dict[str, Any]) -> None:
@@ -415,7 +577,7 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON (non-finite values stop before)
 
     def plot(self) -> Path | None:
         """Loss curves (train and validation against step) as `loss.png` in out_dir."""
@@ -428,15 +590,26 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ driver
     def fit(self) -> dict[str, float]:
         """Train to `max_steps` (resuming if configured); returns the final validation metrics."""
+        if self._lock is not None:
+            self._lock.acquire()  # again, if an earlier fit() released it
+        try:
+            return self._fit()
+        finally:
+            self._unlock()
+
+    def _fit(self) -> dict[str, float]:
         cfg = self.cfg
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "run_config.json", json.dumps(self.run.to_dict(), indent=1))
-            remove_stale_temporaries(self.ckpt_dir)
-        if self.resume_from is not None:
-            self.resume(self.resume_from)
-        elif self.rank == 0 and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        if not self._started:  # out_dir and resume are settled once; a second fit() continues in memory
+            self._started = True
+            if self.rank == 0:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._prepare_out_dir()
+                atomic_write_text(self.out_dir / "run_config.json", json.dumps(self.run.to_dict(), indent=1))
+            if self.resume_from is not None:
+                self.resume(self.resume_from, self._resume_state)
+                self._resume_state = None
+            elif self.rank == 0 and self.metrics_path.exists():
+                self.metrics_path.unlink()  # this run's own records from before its first checkpoint
         for cb in self.callbacks:
             cb.on_train_start(self)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or self.rank != 0,
@@ -445,6 +618,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         while self.step < cfg.max_steps:
             loss = self.train_step()
+            if not math.isfinite(loss):
+                raise self._diverged(f"training loss is {loss}")
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step)
             steps_since += 1
@@ -458,6 +633,8 @@ class Trainer:
                 t_last, steps_since = now, 0
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps:
                 metrics = self.evaluate()
+                if not math.isfinite(metrics["val_loss"]):
+                    raise self._diverged(f"validation loss is {metrics['val_loss']}")
                 self.log({"step": self.step, **metrics})
                 for cb in self.callbacks:
                     cb.on_eval(self, self.step, metrics)
@@ -475,7 +652,13 @@ class Trainer:
         self.plot()
         return metrics
 
+    def _diverged(self, what: str) -> TrainingError:
+        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        return TrainingError(f"step {self.step}: {what}, so training stopped ({kept}). Fix: lower train.lr, keep "
+                             f"train.grad_clip on, or check the model fields (e.g. rms_norm_eps)")
+
     def close(self) -> None:
+        self._unlock()
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 

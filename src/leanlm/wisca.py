@@ -55,7 +55,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from leanlm.errors import ConfigError
+from leanlm.errors import ConfigError, ModelError
 from leanlm.runconfig import register_section
 from leanlm.train import Callback
 
@@ -77,6 +77,9 @@ class WiscaConfig:
     rope_pairs: str = "half"  # RoPE channel pairing: half (HF rotate_half: c, c+d/2) | interleaved (2c, 2c+1)
     apply: str = "weights"  # weights (WISCA) | lr (control: change per-tensor learning rates by the same ratios)
 
+    def __post_init__(self) -> None:
+        self.check()  # an invalid WiscaConfig cannot exist (e.g. ffn="no" would otherwise be truthy)
+
     @property
     def enabled(self) -> bool:
         return self.every > 0 or bool(self.at_init)
@@ -86,6 +89,12 @@ class WiscaConfig:
         return self.every > 0 if self.at_init is None else bool(self.at_init)
 
     def check(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool):
+            raise ConfigError("wisca.every", f"must be an integer, got {self.every!r}", "use e.g. 250")
+        for name in ("at_init", "ffn"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (name == "at_init" and value is None)):
+                raise ConfigError(f"wisca.{name}", f"must be true or false, got {value!r}", f"use {name}: true")
         if self.every < 0:
             raise ConfigError("wisca.every", f"must be >= 0, got {self.every}", "use e.g. 250, or 0 for init only")
         for name in ("qk", "vo"):
@@ -492,9 +501,40 @@ def _lora_factor_ops(model: nn.Module, cfg: WiscaConfig) -> list[ScaleOp]:
     return ops
 
 
+# RoPE channel pairing of model families (`config.model_type`): HF's rotate_half pairs (c, c + d/2); the
+# interleaved families pair (2c, 2c + 1). Channel-level Q/K factors must be equal within a pair.
+ROPE_PAIRS = {
+    "half": frozenset({"leanlm", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                       "gemma2", "gemma3", "gemma3_text", "phi3", "olmo", "olmo2", "smollm3", "granite",
+                       "starcoder2", "stablelm"}),
+    "interleaved": frozenset({"cohere", "cohere2", "glm", "gptj", "codegen"}),
+}
+
+
+def rope_pairs_of(model: nn.Module) -> str | None:
+    """`half` or `interleaved` when the model family's RoPE layout is known, else None."""
+    kind = getattr(_text_config(model), "model_type", None)
+    return next((layout for layout, kinds in ROPE_PAIRS.items() if kind in kinds), None)
+
+
 def plan(model: nn.Module, cfg: WiscaConfig) -> tuple[list[ScaleOp], WiscaReport]:
     """The scale operations of one transition, and a report with the norms before it."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"WISCA needs a torch.nn.Module (a leanlm, Hugging Face or PEFT model), got "
+                         f"{type(model).__name__}. Fix: pass the model itself")
+    if not isinstance(cfg, WiscaConfig):
+        raise ModelError(f"WISCA's cfg must be a WiscaConfig, got {type(cfg).__name__}. Fix: e.g. "
+                         f"WiscaConfig(qk='tensor', vo='tensor')")
+    if cfg.qk == "channel":
+        layout = rope_pairs_of(model)
+        if layout is not None and layout != cfg.rope_pairs:
+            raise ConfigError("wisca.rope_pairs", f"{cfg.rope_pairs!r} does not match this model's RoPE "
+                              f"({_text_config(model).model_type} pairs channels {layout}), so per-channel Q/K "
+                              f"factors would change its outputs", f"use rope_pairs: {layout}")
     sites, ffns, unsupported = find_sites(model)
+    if not sites and not unsupported:
+        raise ModelError(f"WISCA found no attention layer in {type(model).__name__} (no q/k/v/o projections or "
+                         f"latent attention). Fix: pass a decoder model (leanlm, Hugging Face Llama-family, PEFT)")
     report = WiscaReport(unsupported=unsupported, sites=sites)
     ops: list[ScaleOp] = []
     is_lora = any(hasattr(m, "lora_A") for m in model.modules())
@@ -576,8 +616,9 @@ def _after_norms(cfg: WiscaConfig, report: WiscaReport) -> None:
 def wisca_transform(model: nn.Module, cfg: WiscaConfig | None = None, optimizer: torch.optim.Optimizer | None = None,
                     norms_after: bool = True) -> WiscaReport:
     """Apply one WISCA transition to `model` in place; returns what it did (see `WiscaReport`)."""
-    cfg = cfg or WiscaConfig()
-    cfg.check()
+    cfg = WiscaConfig() if cfg is None else cfg
+    if isinstance(cfg, WiscaConfig):
+        cfg.check()
     t0 = time.perf_counter()
     ops, report = plan(model, cfg)
     apply_ops(ops, optimizer, cfg.optimizer_state)

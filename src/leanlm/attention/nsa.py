@@ -271,10 +271,16 @@ def check_sparse_config(config, layer_idx: int) -> None:
         raise ConfigError("nsa_select_count", f"top-n={n} (layer {layer_idx}) is more than the {blocks} blocks of "
                           f"{ls} tokens at the configured context max_position_embeddings="
                           f"{config.max_position_embeddings}", f"use nsa_select_count <= {blocks}")
-    if config.nsa_init_blocks < 0 or config.nsa_local_blocks < 1 or config.nsa_init_blocks + config.nsa_local_blocks > n:
-        raise ConfigError("nsa_local_blocks", f"init ({config.nsa_init_blocks}) + local ({config.nsa_local_blocks}) "
-                          f"forced blocks must be >= 1 local and fit in nsa_select_count={n}",
-                          "use nsa_init_blocks: 1, nsa_local_blocks: 2")
+    if config.nsa_init_blocks < 0:
+        raise ConfigError("nsa_init_blocks", f"must be >= 0 (always-selected first blocks), got {config.nsa_init_blocks}",
+                          "use e.g. nsa_init_blocks: 1")
+    if config.nsa_local_blocks < 1:
+        raise ConfigError("nsa_local_blocks", f"must be >= 1 (the current block is always selected), got "
+                          f"{config.nsa_local_blocks}", "use e.g. nsa_local_blocks: 2")
+    if config.nsa_init_blocks + config.nsa_local_blocks > n:
+        raise ConfigError("nsa_select_count", f"n={n} (layer {layer_idx}) must hold the forced init "
+                          f"({config.nsa_init_blocks}) + local ({config.nsa_local_blocks}) blocks",
+                          f"use nsa_select_count >= {config.nsa_init_blocks + config.nsa_local_blocks}")
     if ls % config.nsa_query_group:
         raise ConfigError("nsa_query_group", f"query group {config.nsa_query_group} must divide the selection block "
                           f"{ls} (a group must not straddle a block boundary)", "use 1, 2, 4 or 8")

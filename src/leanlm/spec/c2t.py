@@ -94,15 +94,31 @@ class C2TClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["C2TClassifier", dict]:
-        from safetensors.torch import load_file
+        """Read a classifier written by `save`; a missing, damaged, garbage, NaN or mismatched folder is one
+        CheckpointError (a NaN classifier would otherwise prune every node and decode with tau 0 silently)."""
+        from leanlm.checkpoint import (check_finite_tensors, load_state_into, load_tensors, read_json_object,
+                                       verify_manifest)
 
         path = Path(path)
         if not (path / "c2t_config.json").exists() or not (path / "model.safetensors").exists():
             raise CheckpointError(f"{path} is not a C2T classifier (needs c2t_config.json and model.safetensors). "
                                   "Fix: train one with `leanlm spec c2t-train`")
-        meta = json.loads((path / "c2t_config.json").read_text())
-        clf = cls(**meta["classifier"])
-        clf.load_state_dict(load_file(str(path / "model.safetensors")))
+        fix = "retrain it with `leanlm spec c2t-train`, or restore the folder"
+        verify_manifest(path)
+        meta = read_json_object(path / "c2t_config.json", "C2T classifier config", fix, required=("classifier",))
+        spec = meta["classifier"]
+        ok = (isinstance(spec, dict) and set(spec) <= {"hidden", "feature_scaling", "entropy_top"}
+              and isinstance(spec.get("hidden", 48), int) and not isinstance(spec.get("hidden", 48), bool)
+              and spec.get("hidden", 48) > 0 and spec.get("feature_scaling", "raw") in FEATURE_SCALINGS
+              and (spec.get("entropy_top") is None or (isinstance(spec["entropy_top"], int)
+                                                       and spec["entropy_top"] > 0)))
+        if not ok:
+            raise CheckpointError(f"C2T classifier config {path / 'c2t_config.json'} has an invalid 'classifier' "
+                                  f"entry ({spec!r:.120}). Fix: {fix}")
+        clf = cls(**spec)
+        tensors = load_tensors(path / "model.safetensors", "C2T classifier weights", fix)
+        check_finite_tensors(tensors, f"C2T classifier {path}", fix)
+        load_state_into(clf, tensors, f"C2T classifier {path}", fix)
         return clf.eval(), meta
 
 
@@ -130,9 +146,12 @@ class C2T(TreeStrategy):
         for d in range(self.max_depth):
             ent = top_entropy(dist, self.clf.entropy_top)  # [n]
             best = dist.topk(k, dim=-1)  # first pruning by generation probability: per-parent top-K
-            joint = torch.tensor([logp[i] for i in front], dtype=dist.dtype)[:, None] + best.values  # [n, K]
+            joint = torch.tensor([logp[i] for i in front], dtype=dist.dtype,
+                                 device=dist.device)[:, None] + best.values  # [n, K]
+            if next(self.clf.parameters()).device != dist.device:  # the classifier follows the drafter's device
+                self.clf.to(dist.device)
             conf = self.clf(joint.flatten(), ent[:, None].expand_as(joint).flatten(),
-                            torch.full((joint.numel(),), d))  # [n*K]
+                            torch.full((joint.numel(),), d, device=dist.device))  # [n*K]
             keep = (conf >= self.beta).nonzero().flatten()
             if self.second_topk is not None and keep.numel() > self.second_topk:
                 keep = keep[conf[keep].topk(self.second_topk).indices]
@@ -284,9 +303,13 @@ def load_rows(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is not a C2T data file. Fix: make one with `leanlm spec c2t-collect`")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        rows = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            rows = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - truncated or garbage file
+        raise CheckpointError(f"{path} is not a readable C2T data file ({type(exc).__name__}: {exc}). Fix: re-collect "
+                              f"it with `leanlm spec c2t-collect`") from None
     missing = {"joint_logp", "entropy", "depth", "label"} - set(rows)
     if missing:
         raise CheckpointError(f"{path} lacks {sorted(missing)}. Fix: re-collect it with `leanlm spec c2t-collect`")

@@ -27,6 +27,7 @@ def verify_seconds(target, sizes: list[int], context: int = 256, repeats: int = 
     vocab = tgt.config.vocab_size
     tgt.reset()
     tgt.forward(torch.randint(0, vocab, (1, context), generator=g).to(tgt.device))
+    sync = torch.cuda.synchronize if tgt.device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
     out = {}
     for n in sizes:
         spine = max(1, n // 4)
@@ -35,8 +36,10 @@ def verify_seconds(target, sizes: list[int], context: int = 256, repeats: int = 
         times = []
         for _ in range(repeats + 1):  # the first run warms up
             ids, pos, mask = tree_inputs(tree, context, tgt.device)
+            sync()
             t = time.perf_counter()
             tgt.forward(ids, pos, mask)
+            sync()
             times.append(time.perf_counter() - t)
             tgt.crop(context)
         out[n] = statistics.median(times[1:])
@@ -56,11 +59,14 @@ def draft_layer_seconds(head, target, width: int = 10, context: int = 256, repea
     vocab, hidden = tgt.config.vocab_size, tgt.config.hidden_size
     session = DraftSession(head, tgt.embed_tokens, tgt.lm_head)
     session.prefill(torch.randn(context, hidden, generator=g), torch.randint(0, vocab, (context,), generator=g).tolist())
+    sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats + 1):
         tokens = torch.randint(0, vocab, (width,), generator=g).tolist()
+        sync()
         t = time.perf_counter()
         session.expand(list(range(1, width + 1)), tokens, [0] * width).topk(width, dim=-1)
+        sync()
         times.append(time.perf_counter() - t)
         session.end_tree()
     return statistics.median(times[1:])

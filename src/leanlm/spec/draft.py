@@ -76,21 +76,35 @@ class EagleDraftHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, target_config=None) -> tuple["EagleDraftHead", dict]:
-        from safetensors.torch import load_file
+        """Read a head written by `save`; a missing, damaged (checksum), garbage or mismatched folder is one
+        CheckpointError."""
+        from leanlm.checkpoint import (check_finite_tensors, load_state_into, load_tensors, read_json_object,
+                                       verify_manifest)
+        from leanlm.errors import LeanLMError
 
         path = Path(path)
         if not (path / "draft_config.json").exists() or not (path / "model.safetensors").exists():
             raise CheckpointError(f"{path} is not a draft head (needs draft_config.json and model.safetensors). "
                                   f"Fix: train one with `leanlm spec train-draft` or pass --spec none")
-        meta = json.loads((path / "draft_config.json").read_text())
+        fix = "retrain it with `leanlm spec train-draft`, or restore the folder"
+        verify_manifest(path)
+        meta = read_json_object(path / "draft_config.json", "draft head config", fix, required=("config",))
+        if not isinstance(meta["config"], dict):
+            raise CheckpointError(f"draft head config {path / 'draft_config.json'}: 'config' is not an object. "
+                                  f"Fix: {fix}")
         fields = {k: v for k, v in meta["config"].items() if k in LeanLMConfig.__annotations__}
-        head = cls(LeanLMConfig(**fields))
+        try:
+            head = cls(LeanLMConfig(**fields))
+        except LeanLMError as exc:
+            raise CheckpointError(f"draft head config {path / 'draft_config.json'} is invalid ({exc})") from None
         if target_config is not None and (head.config.hidden_size, head.config.vocab_size) != (
                 target_config.hidden_size, target_config.vocab_size):
             raise CheckpointError(f"draft head {path} was made for hidden size {head.config.hidden_size} / vocab "
                                   f"{head.config.vocab_size}, the target has {target_config.hidden_size} / "
                                   f"{target_config.vocab_size}. Fix: pass the head trained for this target")
-        head.load_state_dict(load_file(str(path / "model.safetensors")))
+        tensors = load_tensors(path / "model.safetensors", "draft head weights", fix)
+        check_finite_tensors(tensors, f"draft head {path}", fix)
+        load_state_into(head, tensors, f"draft head {path}", fix)
         return head, meta
 
 
@@ -121,7 +135,7 @@ class DraftSession:
         n = len(tokens)
         pos = torch.arange(self.prefix + 1, self.prefix + n + 1, device=self.device)[None]
         emb = self.embed(torch.tensor([tokens], device=self.device)).to(self.dtype)
-        out = self.head(features[None].to(self.dtype), emb, pos, self.cache)  # [1, n, C]
+        out = self.head(features[None].to(self.device, self.dtype), emb, pos, self.cache)  # [1, n, C]
         self.prefix += n
         self._root_feature = out[0, -1]
         self._root_logp = self._logp(out[0, -1])

@@ -56,7 +56,8 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
           generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    return int(torch.multinomial(process_logits(logits, temperature, top_k, top_p), 1, generator=generator))
+    probs = process_logits(logits, temperature, top_k, top_p).cpu()  # the CPU generator draws on the CPU
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class SpeculativeDecoder:

@@ -85,7 +85,7 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
         noise = torch.rand(f_in.shape, generator=generator, dtype=dtype).to(device)  # CPU generator: reproducible
         f_in = f_in + (noise * 2 - 1) * scale
     emb = embed(tokens[1:][None]).to(dtype)  # tokens 1..T-1
-    pos = torch.arange(1, len(tokens))[None]
+    pos = torch.arange(1, len(tokens), device=device)[None]
     pred = head(f_in, emb, pos)[0]  # predicted features of positions 1..T-1
     first = max(0, prompt_len - 2)  # index into pred of position max(1, p-1)
     target = feats[1 + first:].to(dtype)

@@ -181,7 +181,8 @@ class Eagle2(TreeStrategy):
         for _ in range(self.depth - 1):
             out = drafter.expand(frontier, [tokens[i] for i in frontier], [parents[i] for i in frontier])  # [K, V]
             best = out.topk(k, dim=-1)
-            cand = torch.tensor([scores[i] for i in frontier], dtype=out.dtype)[:, None] + best.values  # [K, K]
+            cand = torch.tensor([scores[i] for i in frontier], dtype=out.dtype,
+                                device=out.device)[:, None] + best.values  # [K, K]
             first = len(tokens)
             for r, node in enumerate(frontier):
                 for c in range(k):

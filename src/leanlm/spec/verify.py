@@ -49,7 +49,8 @@ def greedy_accept(tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int
 def sample_accept(tree: TokenTree, logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> tuple[list[int], int]:
     """Accepted path and bonus token under sampling; see the module docstring."""
-    probs = process_logits(logits, temperature, top_k, top_p)  # [N, V]
+    # [N, V] on the CPU: the draws use a CPU generator, so sampled output does not depend on the device
+    probs = process_logits(logits, temperature, top_k, top_p).cpu()
     children = tree.children()
     path = [0]
     while True:

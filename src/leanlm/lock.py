@@ -1,0 +1,68 @@
+"""An exclusive lock on a run's out_dir, so that two trainers never write into the same folder at once.
+
+The lock is `fcntl.flock` on `<out_dir>/.lock` (a real kernel lock: it is released when the holding process exits,
+even by SIGKILL, so a crashed run never leaves a stale lock behind). The file itself stays; it holds the pid of the
+last holder for the error message. POSIX only (Linux, macOS), like the rest of leanlm's training stack.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from leanlm.errors import RunLockedError
+
+
+class OutDirLock:
+    """`acquire()` takes the lock or raises RunLockedError naming the holder; `release()` gives it back."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / ".lock"
+        self._fd: int | None = None
+        self._created = False  # whether acquire() made out_dir (so a run refused before any work leaves none)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        self._created = not self.out_dir.exists()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise RunLockedError(f"train.out_dir {self.out_dir} is in use by another trainer (pid {holder}). Fix: "
+                                 f"wait for it to finish, or choose another train.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self, remove_if_unused: bool = False) -> None:
+        """Give the lock back. `remove_if_unused`: also remove out_dir if acquire() created it and nothing but the
+        lock file was written (a run that failed before any work)."""
+        if self._fd is not None:
+            try:
+                if remove_if_unused and self._created and [p.name for p in self.out_dir.iterdir()] == [".lock"]:
+                    self.path.unlink()
+                    self.out_dir.rmdir()
+            finally:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(self._fd)
+                    self._fd = None
+
+    def __del__(self) -> None:  # a Trainer dropped without close() must not keep its folder locked
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
