@@ -34,11 +34,13 @@ bench: setup
 	$(PY) benchmarks/asa_compare.py
 
 # Pure-Python wheels the GPU check needs beyond the GPU machine's torch/transformers/triton (see
-# benchmarks/gpu_check.sh); a few MB, carried to the machine in the git-ignored .whl/ folder.
+# benchmarks/gpu_check.sh: pytest for the native kernel tests, fla-core for the NSA baseline); ~3 MB, carried to the
+# machine in the git-ignored .whl/ folder (run: carry [".whl"]).
 gpu-wheels:
 	rm -rf .whl && $(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: \
 		--implementation py --abi none --platform any --python-version 3.10 -d .whl \
-		pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments exceptiongroup tomli typing-extensions pytest-timeout
+		pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments exceptiongroup tomli typing-extensions pytest-timeout \
+		fla-core einops
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

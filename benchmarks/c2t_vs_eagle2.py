@@ -5,7 +5,7 @@ checked identical to plain decoding):
   - EAGLE-2 with total_tokens swept (same top_k and depth for every point);
   - C2T with beta swept (same top_k / max depth), using a classifier from `leanlm spec c2t-train`;
   - C2T with the cost-aware beta: verification cost of n tokens and the draft cost of one layer are measured on
-    this machine first, then `leanlm.spec.c2t.cost_aware_beta` picks beta from the collected trees;
+    this machine first, then `leanlm.speculative.c2t.cost_aware_beta` picks beta from the collected trees;
   - batched decoding (several prompts per target forward) for the default C2T and EAGLE-2 points.
 Reported: τ, γ (candidates verified per step, root included), draft/verify ms per step, tokens/s, speed-up over
 plain decoding, the candidate-token reduction of C2T at equal τ (EAGLE-2's γ(τ) curve interpolated at C2T's τ) and
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from leanlm.cli import load_model_and_tokenizer
-    from leanlm.spec.bench import markdown, run_bench
-    from leanlm.spec.c2t import C2T, C2TClassifier, cost_aware_beta, load_rows
-    from leanlm.spec.cost import draft_layer_seconds, verify_seconds
-    from leanlm.spec.draft import EagleDraftHead
-    from leanlm.spec.prompts import encode_chat, load_prompts
-    from leanlm.spec.tree import Eagle2
+    from leanlm.speculative.bench import markdown, run_bench
+    from leanlm.speculative.c2t import C2T, C2TClassifier, cost_aware_beta, load_rows
+    from leanlm.speculative.cost import draft_layer_seconds, verify_seconds
+    from leanlm.speculative.draft import EagleDraftHead
+    from leanlm.speculative.prompts import encode_chat, load_prompts
+    from leanlm.speculative.tree import Eagle2
 
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(args.target)
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_rows = []
     if args.batch > 1:
-        from leanlm.spec.batch import BatchedSpeculativeDecoder
-        from leanlm.spec.engine import SpeculativeDecoder
+        from leanlm.speculative.batch import BatchedSpeculativeDecoder
+        from leanlm.speculative.engine import SpeculativeDecoder
 
         ps = [encode_chat(tok, p) for p in next(iter(prompts.values()))][: 2 * args.batch]
         for name in ("eagle2 N=60" if "eagle2 N=60" in strategies else next(iter(strategies)), "c2t beta=0.5"):

@@ -7,6 +7,10 @@ builds its cache in a child process (BPE trained on it, then tokenized), and rep
     folder   a folder of ~1 MB .txt files (one document each)
     single   one .txt file with its line breaks (cut into documents at blank lines)
     oneline  one .txt file on a single line (cut into documents at spaces)
+    parquet  one parquet file, one row per ~64 kB chunk of text (column `text`, row groups of 256 rows)
+    dataset  the same rows as a Hugging Face `datasets` folder written by `save_to_disk`
+
+`--workers N` sets `data.workers` (0 = auto: one tokenizer process per core above 64 MB of text, the default).
 
     python benchmarks/corpus_memory.py --mb 200 --shape folder --shape single --shape oneline \\
         --out docs/results/corpus_memory.json
@@ -30,10 +34,11 @@ CHILD = """
 import json, resource, sys, time
 from leanlm.data import DataConfig, prepare_data
 t = time.perf_counter()
-data = prepare_data(DataConfig(source=sys.argv[1], seq_len=256), 8192)
+data = prepare_data(DataConfig(source=sys.argv[1], seq_len=256, workers=int(sys.argv[2])), 8192)
 print(json.dumps({"seconds": time.perf_counter() - t, "train_tokens": int(data.meta["train_tokens"]),
                   "val_tokens": int(data.meta["val_tokens"]), "docs": data.meta["train_docs"] + data.meta["val_docs"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
@@ -41,10 +46,31 @@ def make_corpus(root: Path, mb: int, shape: str) -> Path:
     """Bundled text repeated to `mb` megabytes, written as `shape` under `root` (reused if present)."""
     from leanlm.corpus import iter_documents
 
-    target = root / f"{shape}-{mb}mb" / ("docs" if shape == "folder" else "corpus.txt")
+    names = {"folder": "docs", "parquet": "corpus.parquet", "dataset": "dataset"}
+    target = root / f"{shape}-{mb}mb" / names.get(shape, "corpus.txt")
     if target.exists():
         return target
     base = "\n\n".join(d.text for d in iter_documents("bundled"))
+    if shape in ("parquet", "dataset"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parquet = target if shape == "parquet" else root / f"parquet-{mb}mb" / "corpus.parquet"
+        if not parquet.exists():
+            parquet.parent.mkdir(parents=True, exist_ok=True)
+            with pq.ParquetWriter(str(parquet), pa.schema([("text", pa.string())])) as w:
+                written, copy = 0, 0
+                while written < mb * 1_000_000:
+                    rows = [f"copy {copy} " + base[i:i + 65536] for i in range(0, len(base), 65536)]
+                    for start in range(0, len(rows), 256):
+                        w.write_table(pa.table({"text": rows[start:start + 256]}))
+                    written += sum(map(len, rows))
+                    copy += 1
+        if shape == "dataset":
+            import datasets
+
+            datasets.Dataset.from_parquet(str(parquet), cache_dir=str(root / "hf-cache")).save_to_disk(str(target))
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     need, copy = mb * 1_000_000, 0
     if shape == "folder":
@@ -71,13 +97,14 @@ def make_corpus(root: Path, mb: int, shape: str) -> Path:
     return target
 
 
-def measure(source: Path, cache: Path, code: str | None = None) -> dict:
+def measure(source: Path, cache: Path, code: str | None = None, workers: int = 0) -> dict:
     env = dict(os.environ, LEANLM_CACHE=str(cache), TOKENIZERS_PARALLELISM="true")
     if code:
         env["PYTHONPATH"] = str(Path(code).resolve() / "src")
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(source)], env=env, capture_output=True, text=True,
-                         check=True)
+    child = CHILD if code is None else CHILD.replace(", workers=int(sys.argv[2])", "")  # older code: no workers
+    out = subprocess.run([sys.executable, "-c", child, str(source), str(workers)], env=env, capture_output=True,
+                         text=True, check=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])  # the child's own peak resident memory (ru_maxrss)
     tokens = row["train_tokens"] + row["val_tokens"]
     row.update(wall_s=time.perf_counter() - t, tokens_per_s=tokens / row["seconds"])
@@ -87,7 +114,8 @@ def measure(source: Path, cache: Path, code: str | None = None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=200)
-    ap.add_argument("--shape", action="append", choices=("folder", "single", "oneline"))
+    ap.add_argument("--shape", action="append", choices=("folder", "single", "oneline", "parquet", "dataset"))
+    ap.add_argument("--workers", type=int, default=0, help="data.workers (0 = auto)")
     ap.add_argument("--work", default=".cache/bench-corpus", help="where the corpora and their caches go")
     ap.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it)")
     ap.add_argument("--source", default=None, help="measure this corpus (a data.source path) instead")
@@ -103,7 +131,8 @@ def main() -> None:
         files = [source] if source.is_file() else [f for f in source.rglob("*") if f.is_file()]
         size = sum(f.stat().st_size for f in files)
         cache = work / f"cache-{shape}-{args.label}-{int(time.time())}"  # fresh: always a full build
-        row = {"shape": shape, "code": args.label, "corpus_mb": size / 1e6, **measure(source, cache, args.code)}
+        row = {"shape": shape, "code": args.label, "corpus_mb": size / 1e6, "workers": args.workers,
+               **measure(source, cache, args.code, args.workers)}
         rows.append(row)
         print(f"{shape}: {row['corpus_mb']:.0f} MB, {row['docs']} documents, {row['train_tokens'] + row['val_tokens']:,}"
               f" tokens in {row['seconds']:.0f}s ({row['tokens_per_s']:,.0f} tokens/s), peak RSS "
@@ -112,11 +141,11 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"rows": rows}, indent=1))
-        lines = ["| corpus | code | MB | documents | tokens | build s | tokens/s | peak RSS MB |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| corpus | code | MB | documents | tokens | build s | tokens/s | peak RSS MB | worker peak RSS MB |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r.get('code', 'after')} | {r['corpus_mb']:.0f} | {r['docs']:,} | "
                   f"{r['train_tokens'] + r['val_tokens']:,} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['peak_rss_mb']:,.0f} |" for r in rows]
+                  f"{r['peak_rss_mb']:,.0f} | {r.get('worker_peak_rss_mb', 0):,.0f} |" for r in rows]
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         plot(rows, out.with_suffix(".png"))
 

@@ -17,9 +17,9 @@ import torch
 
 def main() -> int:
     from leanlm.cli import load_model_and_tokenizer
-    from leanlm.spec.prompts import load_prompts
-    from leanlm.spec import Chain, Eagle2, SpeculativeDecoder, plain_generate
-    from leanlm.spec.draft import EagleDraftHead, head_config
+    from leanlm.speculative.prompts import load_prompts
+    from leanlm.speculative import Chain, Eagle2, SpeculativeDecoder, plain_generate
+    from leanlm.speculative.draft import EagleDraftHead, head_config
 
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer("gemma3")

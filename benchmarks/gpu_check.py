@@ -117,12 +117,12 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from leanlm.spec.c2t import C2T, C2TClassifier
-    from leanlm.spec.cost import draft_layer_seconds, verify_seconds
-    from leanlm.spec.draft import EagleDraftHead, head_config
-    from leanlm.spec.engine import SpeculativeDecoder, plain_generate
-    from leanlm.spec.target import Target
-    from leanlm.spec.tree import make_strategy
+    from leanlm.speculative.c2t import C2T, C2TClassifier
+    from leanlm.speculative.cost import draft_layer_seconds, verify_seconds
+    from leanlm.speculative.draft import EagleDraftHead, head_config
+    from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
+    from leanlm.speculative.target import Target
+    from leanlm.speculative.tree import make_strategy
 
     deadline = time.perf_counter() + timeout
     dev = torch.device(args.device)

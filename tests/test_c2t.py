@@ -8,12 +8,12 @@ from collections import Counter
 import pytest
 import torch
 
-from leanlm.spec import SpeculativeDecoder, plain_generate
-from leanlm.spec.c2t import (C2T, C2TClassifier, C2TTrainConfig, EntropyRecorder, auc, collect_trees,
+from leanlm.speculative import SpeculativeDecoder, plain_generate
+from leanlm.speculative.c2t import (C2T, C2TClassifier, C2TTrainConfig, EntropyRecorder, auc, collect_trees,
                              cost_aware_beta, load_rows, replay, save_rows, top_entropy,
                              train_classifier)
-from leanlm.spec.draft import EagleDraftHead, head_config
-from leanlm.spec.tree import make_strategy
+from leanlm.speculative.draft import EagleDraftHead, head_config
+from leanlm.speculative.tree import make_strategy
 from test_spec import V, assert_samples_like_plain, decoder, sampling_target, tiny, tiny_hf_llama
 
 
@@ -143,7 +143,7 @@ def test_collected_labels_are_the_accepted_paths():
     # replaying the same decoding with EntropyRecorder gives the same root entropy as the rows' depth-0 nodes
     assert torch.all(rows["entropy"] > 0) and torch.all(rows["joint_logp"] <= 0)
     # labels agree with an independent decode: accepted tokens counted by the engine with the same tree shape
-    from leanlm.spec.tree import Eagle2
+    from leanlm.speculative.tree import Eagle2
     accepted = 0
     for p in prompts:
         _, st = SpeculativeDecoder(target, head, Eagle2(total_tokens=1 + per_tree, depth=3, top_k=3)).generate(p, 12)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanlm.spec.c2t import C2T, C2TClassifier
-from leanlm.spec.draft import EagleDraftHead, head_config
-from leanlm.spec.engine import SpeculativeDecoder, plain_generate
-from leanlm.spec.tree import Chain, Eagle2, StaticTree
+from leanlm.speculative.c2t import C2T, C2TClassifier
+from leanlm.speculative.draft import EagleDraftHead, head_config
+from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
+from leanlm.speculative.tree import Chain, Eagle2, StaticTree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_float64_target_and_head(strategy):
 
 
 def test_cost_model_measures_on_the_models_device_and_dtype():
-    from leanlm.spec.cost import draft_layer_seconds, verify_seconds
+    from leanlm.speculative.cost import draft_layer_seconds, verify_seconds
 
     model, head = _float64_llama()
     costs = verify_seconds(model, [1, 4], context=16, repeats=1)

@@ -402,8 +402,8 @@ def test_kv_report_json_into_a_new_folder(tmp_path):
 
 def _tiny_head_and_classifier(tmp_path):
     from leanlm.config import LeanLMConfig
-    from leanlm.spec.c2t import C2TClassifier
-    from leanlm.spec.draft import EagleDraftHead, head_config
+    from leanlm.speculative.c2t import C2TClassifier
+    from leanlm.speculative.draft import EagleDraftHead, head_config
 
     target = LeanLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     EagleDraftHead(head_config(target)).save(tmp_path / "head")
@@ -414,8 +414,8 @@ def _tiny_head_and_classifier(tmp_path):
 def test_draft_head_and_classifier_loaders_report_damage(tmp_path):
     import shutil
 
-    from leanlm.spec.c2t import C2TClassifier
-    from leanlm.spec.draft import EagleDraftHead
+    from leanlm.speculative.c2t import C2TClassifier
+    from leanlm.speculative.draft import EagleDraftHead
 
     target = _tiny_head_and_classifier(tmp_path)
     EagleDraftHead.load(tmp_path / "head", target)
@@ -450,6 +450,13 @@ def test_draft_head_and_classifier_loaders_report_damage(tmp_path):
         meta["classifier"]["hidden"] = 16
         (d / "c2t_config.json").write_text(json.dumps(meta))
 
+    from leanlm.speculative.c2t import C2T
+
+    broken = C2TClassifier(hidden=8)
+    with torch.no_grad():
+        broken.fc1.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        C2T(broken)
     for edit, word in [(nan_weights, "NaN"), (bigger, "does not match"), (cut, "truncated"),
                        (lambda d: (d / "c2t_config.json").write_text('{"classifier": {"hidden": "x"}}'), "invalid"),
                        (lambda d: (d / "c2t_config.json").write_text('[]'), "JSON object")]:

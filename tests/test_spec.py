@@ -12,9 +12,9 @@ import torch
 
 from leanlm.config import LeanLMConfig
 from leanlm.model import LeanLMForCausalLM
-from leanlm.spec import Chain, Eagle2, SpeculativeDecoder, StaticTree, TokenTree, plain_generate
-from leanlm.spec.draft import EagleDraftHead, head_config
-from leanlm.spec.verify import greedy_accept, process_logits, sample_accept
+from leanlm.speculative import Chain, Eagle2, SpeculativeDecoder, StaticTree, TokenTree, plain_generate
+from leanlm.speculative.draft import EagleDraftHead, head_config
+from leanlm.speculative.verify import greedy_accept, process_logits, sample_accept
 
 V = 48
 
@@ -262,7 +262,7 @@ def test_cli_generate_with_a_saved_draft_head(tiny_config, tmp_path, capsys):
 def test_training_a_draft_head_raises_acceptance(tiny_config):
     """A head trained on the target's own greedy outputs gets more drafted tokens accepted than an untrained one."""
     from leanlm.runconfig import build_run_config
-    from leanlm.spec.train_draft import DraftTrainConfig, collect_features, train_head
+    from leanlm.speculative.train_draft import DraftTrainConfig, collect_features, train_head
     from leanlm.train import Trainer
 
     trainer = Trainer(build_run_config(tiny_config(max_steps=30, ckpt_every=0, eval_every=0)))
@@ -333,7 +333,7 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
 def test_spec_bench_on_a_tiny_target(tiny_config, tmp_path, capsys):
     from leanlm.cli import main
     from leanlm.runconfig import build_run_config
-    from leanlm.spec.prompts import load_prompts
+    from leanlm.speculative.prompts import load_prompts
     from leanlm.train import Trainer
 
     assert len(load_prompts("mtbench")) == 80 and len(load_prompts("humaneval")) == 164
@@ -397,7 +397,7 @@ def test_answers_with_features_equal_greedy_and_teacher_forcing(tmp_path):
     """One generation pass gives what plain greedy decoding answers and what a teacher-forced pass computes; the
     cache on disk resumes and refuses other settings."""
     from leanlm.errors import LeanLMError
-    from leanlm.spec.train_draft import (answer_with_features, build_feature_cache, collect_features,
+    from leanlm.speculative.train_draft import (answer_with_features, build_feature_cache, collect_features,
                                          load_feature_cache)
 
     target = tiny()

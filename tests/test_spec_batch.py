@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-from leanlm.spec import Chain, Eagle2, plain_generate
-from leanlm.spec.batch import BatchedSpeculativeDecoder
-from leanlm.spec.c2t import C2T
+from leanlm.speculative import Chain, Eagle2, plain_generate
+from leanlm.speculative.batch import BatchedSpeculativeDecoder
+from leanlm.speculative.c2t import C2T
 from test_c2t import depth_classifier
 from test_spec import V, ModelDrafter, assert_samples_like_plain, sampling_target, tiny, tiny_hf_llama
 

@@ -3,6 +3,7 @@
     leanlm train CONFIG [--set section.key=value ...]
     leanlm eval CHECKPOINT [--batches N] [--tasks hellaswag,piqa,... --limit N --out FILE.json]
     leanlm generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+                    [--chat | --no-chat] [--device cpu|cuda|auto]
                     [--spec chain|static|eagle2|c2t --draft HEAD --classifier C2T --beta B]
     leanlm wisca CHECKPOINT OUT [--qk tensor --vo tensor --norm l1 --ffn]
     leanlm spec train-draft TARGET --out DIR [--prompts N --max-new-tokens N --epochs E --stage all|data|train]
@@ -198,26 +199,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of `prompt`: as a user turn of the tokenizer's chat template (with the generation prompt) when
+    `chat`, else the raw text for completion."""
+    from leanlm.speculative.prompts import encode_chat
+
+    return encode_chat(tokenizer, prompt) if chat else tokenizer(prompt)["input_ids"]
+
+
+def use_chat(tokenizer, chat: bool | None) -> bool:
+    """`--chat` / `--no-chat`, or (neither given) whether the tokenizer has a chat template."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has:
+        raise LeanLMError("--chat: this model's tokenizer has no chat template. Fix: drop --chat (raw completion)")
+    return has if chat is None else chat
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-                  seed: int, stream: bool = True) -> str:
+                  seed: int, stream: bool = True, chat: bool = False) -> str:
+    """Sample (or, at temperature 0, greedily decode) a continuation with `model.generate`, streamed through
+    transformers' `TextStreamer`. With `chat` the prompt is a user turn of the chat template and only the answer is
+    printed and returned; without it the prompt is continued and printed with its continuation."""
     import torch
     from transformers import TextStreamer
 
     torch.manual_seed(seed)
-    enc = tokenizer(prompt, return_tensors="pt")
-    streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, chat)], device=model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=chat, skip_special_tokens=True) if stream else None
     kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "streamer": streamer,
               "pad_token_id": tokenizer.eos_token_id}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_k=top_k or None)
-    out = model.generate(enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device),
-                         **kwargs)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise LeanLMError("--prompt is empty. Fix: give some text to continue, e.g. --prompt 'Once upon a time'")
+    if args.spec != "none" and (not args.draft or (args.spec == "c2t" and not args.classifier)):
+        from leanlm.pretrained import committed_draft
+
+        committed = committed_draft(args.checkpoint)
+        if committed is not None:  # the bundled model has a head (and classifier) committed under assets/
+            args.draft = args.draft or str(committed[0])
+            if args.spec == "c2t":
+                args.classifier = args.classifier or str(committed[1])
+            print(f"note: --spec {args.spec} with the committed draft head {args.draft}"
+                  + (f" and classifier {args.classifier}" if args.spec == "c2t" else ""), file=sys.stderr)
     if args.spec != "none" and not args.draft:
         raise LeanLMError(f"--spec {args.spec} needs a draft head. Fix: pass --draft PATH (a folder written by "
                           "EagleDraftHead.save), or --spec none")
@@ -225,9 +254,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LeanLMError("--spec c2t needs a classifier. Fix: pass --classifier DIR (written by "
                           "`leanlm spec c2t-train`)")
     if args.spec != "none":
-        import leanlm.spec.c2t  # noqa: F401  (registers the c2t strategy)
-        from leanlm.spec.draft import EagleDraftHead
-        from leanlm.spec.tree import make_strategy
+        import leanlm.speculative.c2t  # noqa: F401  (registers the c2t strategy)
+        from leanlm.speculative.draft import EagleDraftHead
+        from leanlm.speculative.tree import make_strategy
 
         kw = {"classifier": args.classifier, "beta": args.beta} if args.spec == "c2t" else {}
         try:  # unknown names and bad files fail here, before loading a model
@@ -236,18 +265,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise LeanLMError(f"--spec {args.spec}: {exc}. Fix: see `leanlm generate --help`") from None
         model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=checked_device(args.device))
         head, _ = EagleDraftHead.load(args.draft, model.config)
-        check_prompt(model, tokenizer, args.prompt, args.max_new_tokens)
+        args.chat = use_chat(tokenizer, args.chat)
+        check_prompt(model, tokenizer, args.prompt, args.max_new_tokens, args.chat)
         speculative_text(model, tokenizer, head, strategy, args)
         return 0
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=checked_device(args.device))
-    check_prompt(model, tokenizer, args.prompt, args.max_new_tokens)
-    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    chat = use_chat(tokenizer, args.chat)
+    check_prompt(model, tokenizer, args.prompt, args.max_new_tokens, chat)
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                  chat=chat)
     return 0
 
 
-def check_prompt(model, tokenizer, prompt: str, max_new_tokens: int) -> None:
+def check_prompt(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False) -> None:
     """The prompt must give at least one token and, with the new tokens, fit the model's context."""
-    n = len(tokenizer(prompt)["input_ids"])
+    n = len(encode_prompt(tokenizer, prompt, chat))
     if n == 0:
         raise LeanLMError("--prompt gives no tokens with this tokenizer. Fix: give some text to continue")
     check_fits_context(model, n, max_new_tokens)
@@ -255,12 +287,15 @@ def check_prompt(model, tokenizer, prompt: str, max_new_tokens: int) -> None:
 
 def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace) -> str:
     """Stream a speculative-decoding continuation, then print the step statistics."""
-    from leanlm.spec.engine import SpeculativeDecoder
+    from leanlm.speculative.engine import SpeculativeDecoder
 
-    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    import torch
+
+    ids = torch.tensor([encode_prompt(tokenizer, args.prompt, args.chat)])
     done: list[int] = []
     printed = 0
-    print(args.prompt, end="", flush=True)
+    if not args.chat:  # raw completion: the prompt, then its continuation
+        print(args.prompt, end="", flush=True)
 
     def stream(new: list[int]) -> None:
         nonlocal printed
@@ -276,15 +311,16 @@ def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace)
     print(f"\n[{strategy.describe()}: {st['steps']} steps, tau {st['tau']:.2f} accepted draft tokens per step, "
           f"{st['candidates_per_step']:.1f} candidates verified per step, draft {st['draft_ms_per_step']:.1f} ms + "
           f"verify {st['verify_ms_per_step']:.1f} ms per step]")
-    return args.prompt + tokenizer.decode(done, skip_special_tokens=True)
+    answer = tokenizer.decode(done, skip_special_tokens=True)
+    return answer if args.chat else args.prompt + answer
 
 
 def cmd_spec_train_draft(args: argparse.Namespace) -> int:
     """Answer prompts with the target into a feature cache on disk, train an EAGLE head on it, save it
     (atomically)."""
-    from leanlm.spec.draft import EagleDraftHead, head_config
-    from leanlm.spec.prompts import DRAFT_MIXES, draft_prompts
-    from leanlm.spec.train_draft import DraftTrainConfig, build_feature_cache, load_feature_cache, train_head
+    from leanlm.speculative.draft import EagleDraftHead, head_config
+    from leanlm.speculative.prompts import DRAFT_MIXES, draft_prompts
+    from leanlm.speculative.train_draft import DraftTrainConfig, build_feature_cache, load_feature_cache, train_head
 
     if args.prompts <= 0 or args.max_new_tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
         raise LeanLMError("--prompts, --max-new-tokens, --epochs and --batch-size must be > 0. Fix: e.g. "
@@ -357,16 +393,16 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
 
 def cmd_spec_bench(args: argparse.Namespace) -> int:
     """Speculative decoding vs plain decoding on held-out prompt sets (table, JSON, plot)."""
-    from leanlm.spec.bench import markdown, run_bench
-    from leanlm.spec.prompts import PROMPT_SETS, load_prompts
-    from leanlm.spec.draft import EagleDraftHead
-    from leanlm.spec.tree import parse_strategy
+    from leanlm.speculative.bench import markdown, run_bench
+    from leanlm.speculative.prompts import PROMPT_SETS, load_prompts
+    from leanlm.speculative.draft import EagleDraftHead
+    from leanlm.speculative.tree import parse_strategy
 
     sets = [s.strip() for s in args.prompts.split(",") if s.strip()]
     bad = [s for s in sets if s not in PROMPT_SETS]
     if bad or not sets:
         raise LeanLMError(f"--prompts: unknown set(s) {bad}. Fix: use some of {', '.join(PROMPT_SETS)}")
-    import leanlm.spec.c2t  # noqa: F401  (registers the c2t strategy)
+    import leanlm.speculative.c2t  # noqa: F401  (registers the c2t strategy)
 
     specs = [x for x in args.strategies.split(",") if x.strip()]
     if any(x.split(":")[0] == "c2t" for x in specs) and not args.classifier:
@@ -375,7 +411,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         strategies = {x: parse_strategy(x, classifier=args.classifier) for x in specs}
     except (ValueError, TypeError) as e:
         raise LeanLMError(f"--strategies: {e}. Fix: e.g. --strategies chain,eagle2:total_tokens=30,c2t:beta=0.5")
-    from leanlm.spec.prompts import encode_chat
+    from leanlm.speculative.prompts import encode_chat
 
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
     head, _ = EagleDraftHead.load(args.draft, model.config)
@@ -401,9 +437,9 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
 
 def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
     """Full EAGLE-2 trees on training prompts, every node verified; features + labels to one file."""
-    from leanlm.spec.c2t import collect_trees, save_rows
-    from leanlm.spec.draft import EagleDraftHead
-    from leanlm.spec.prompts import draft_prompts, encode_chat
+    from leanlm.speculative.c2t import collect_trees, save_rows
+    from leanlm.speculative.draft import EagleDraftHead
+    from leanlm.speculative.prompts import draft_prompts, encode_chat
 
     if args.prompts <= 0 or args.max_new_tokens <= 0 or args.top_k <= 0 or args.depth <= 0:
         raise LeanLMError("--prompts, --max-new-tokens, --top-k and --depth must be > 0. Fix: e.g. --top-k 10 "
@@ -429,7 +465,7 @@ def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_c2t_train(args: argparse.Namespace) -> int:
-    from leanlm.spec.c2t import C2TTrainConfig, load_rows, train_classifier
+    from leanlm.speculative.c2t import C2TTrainConfig, load_rows, train_classifier
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -577,10 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--spec", default="none", choices=("none", "chain", "static", "eagle2", "c2t"),
                    help="speculative decoding strategy (lossless; needs --draft)")
-    g.add_argument("--draft", default=None, help="draft head folder for --spec")
-    g.add_argument("--classifier", default=None, help="C2T classifier folder for --spec c2t")
+    g.add_argument("--draft", default=None, help="draft head folder for --spec (smollm2: the committed head)")
+    g.add_argument("--classifier", default=None, help="C2T classifier folder for --spec c2t (smollm2: the committed one)")
     g.add_argument("--beta", type=unit_interval, default=0.5, help="C2T confidence threshold")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (the draft head follows the model)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="the prompt as a user turn of the tokenizer's chat template (default when the model has one; "
+                   "--no-chat: raw completion)")
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("wisca", help="apply one WISCA transition to a saved model (leanlm or HF) and save it")

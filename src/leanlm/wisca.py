@@ -696,3 +696,13 @@ class WiscaCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seconds, self.log = state.get("seconds", 0.0), list(state.get("log", []))
+
+
+def __getattr__(name: str):
+    """`leanlm.wisca.WiscaTrainerCallback` (the Hugging Face Trainer callback, in `leanlm.wisca_hf`), imported on
+    first use so that this module does not import the Trainer stack."""
+    if name == "WiscaTrainerCallback":
+        from leanlm.wisca_hf import WiscaTrainerCallback
+
+        return WiscaTrainerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

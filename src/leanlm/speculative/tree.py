@@ -206,7 +206,7 @@ class Eagle2(TreeStrategy):
 
 
 def make_strategy(name: str, **kw) -> TreeStrategy:
-    """Strategy by name: chain, static, eagle2 (and c2t, registered by `leanlm.spec.c2t` when it lands)."""
+    """Strategy by name: chain, static, eagle2 (and c2t, registered by `leanlm.speculative.c2t` when it lands)."""
     table = {"chain": Chain, "static": StaticTree, "eagle2": Eagle2, **EXTRA_STRATEGIES}
     if name not in table:
         raise ValueError(f"unknown speculative strategy {name!r}; use one of {sorted(table)} or none")

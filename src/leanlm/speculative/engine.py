@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from leanlm.spec.target import Target
-from leanlm.spec.tree import TokenTree, TreeStrategy
-from leanlm.spec.verify import greedy_accept, process_logits, sample_accept, tree_inputs
+from leanlm.speculative.target import Target
+from leanlm.speculative.tree import TokenTree, TreeStrategy
+from leanlm.speculative.verify import greedy_accept, process_logits, sample_accept, tree_inputs
 
 
 @dataclass
@@ -61,13 +61,13 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 
 class SpeculativeDecoder:
-    """Speculative decoding of one target with a draft head (`leanlm.spec.draft`) and a tree strategy."""
+    """Speculative decoding of one target with a draft head (`leanlm.speculative.draft`) and a tree strategy."""
 
     def __init__(self, target, head, strategy: TreeStrategy, keep_trees: bool = False,
                  drafter_factory: Callable[[], object] | None = None):
         """`head`: an `EagleDraftHead` for this target. `drafter_factory` replaces it with any object offering
         prefill(features, tokens) / root() / expand(...) / end_tree() (tests use the target itself as a drafter)."""
-        from leanlm.spec.draft import DraftSession
+        from leanlm.speculative.draft import DraftSession
 
         self.target = target if isinstance(target, Target) else Target(target)
         self.head, self.strategy, self.keep_trees = head, strategy, keep_trees

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from leanlm.checkpoint import atomic_write_text
 from leanlm.errors import LeanLMError
-from leanlm.spec.draft import EagleDraftHead
-from leanlm.spec.prompts import encode_chat
+from leanlm.speculative.draft import EagleDraftHead
+from leanlm.speculative.prompts import encode_chat
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from leanlm.spec.tree import TokenTree
+from leanlm.speculative.tree import TokenTree
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

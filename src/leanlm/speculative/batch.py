@@ -30,17 +30,17 @@ from typing import Callable
 
 import torch
 
-from leanlm.spec.engine import SpecStats, _pick
-from leanlm.spec.target import hf_tree_masks
-from leanlm.spec.tree import TreeStrategy
-from leanlm.spec.verify import greedy_accept, sample_accept
+from leanlm.speculative.engine import SpecStats, _pick
+from leanlm.speculative.target import hf_tree_masks
+from leanlm.speculative.tree import TreeStrategy
+from leanlm.speculative.verify import greedy_accept, sample_accept
 
 
 class BatchedSpeculativeDecoder:
     """Speculative decoding of a batch of prompts with one target forward per step for all rows."""
 
     def __init__(self, model, head, strategy: TreeStrategy, drafter_factory: Callable[[], object] | None = None):
-        from leanlm.spec.draft import DraftSession
+        from leanlm.speculative.draft import DraftSession
 
         self.model = model.eval()
         self.is_leanlm = type(model).__module__.startswith("leanlm")
@@ -85,7 +85,7 @@ class BatchedSpeculativeDecoder:
         if not self.is_leanlm:
             from transformers import DynamicCache
 
-            kw["past_key_values"] = DynamicCache()  # full layers (see leanlm.spec.target)
+            kw["past_key_values"] = DynamicCache()  # full layers (see leanlm.speculative.target)
         out = self.model(input_ids=ids, attention_mask=valid.long(), position_ids=pos, use_cache=True,
                          output_hidden_states=True, **kw)
         cache, feats = out.past_key_values, out.hidden_states[-1]

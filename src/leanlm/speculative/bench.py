@@ -1,6 +1,6 @@
 """`leanlm spec bench`: speculative decoding against plain decoding on held-out prompt sets, per strategy.
 
-Prompt sets (`leanlm.spec.prompts`, never used to train draft heads): `mtbench`, `gsm8k`, `humaneval`. Every prompt
+Prompt sets (`leanlm.speculative.prompts`, never used to train draft heads): `mtbench`, `gsm8k`, `humaneval`. Every prompt
 is decoded plainly and with each strategy back to back (interleaved, so machine noise hits all alike), greedy, and the outputs
 are checked to be identical. Reported per strategy: τ (accepted draft tokens per step, bonus excluded; τ + 1 is
 EAGLE's "accept length"), candidates verified per step, draft and verify milliseconds per step, tokens/s and the
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from leanlm.spec.engine import SpeculativeDecoder, plain_generate
-from leanlm.spec.prompts import encode_chat
-from leanlm.spec.tree import TreeStrategy
+from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
+from leanlm.speculative.prompts import encode_chat
+from leanlm.speculative.tree import TreeStrategy
 
 
 def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], prompt_sets: dict[str, list[str]],

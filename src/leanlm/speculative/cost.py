@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from leanlm.spec.target import Target
-from leanlm.spec.tree import TokenTree
-from leanlm.spec.verify import tree_inputs
+from leanlm.speculative.target import Target
+from leanlm.speculative.tree import TokenTree
+from leanlm.speculative.verify import tree_inputs
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def draft_layer_seconds(head, target, width: int = 10, context: int = 256, repea
                         seed: int = 0) -> float:
     """Median seconds the draft head takes to expand one tree layer of `width` nodes (head forward + LM head over
     the vocabulary + top-k), after a `context`-token prefix."""
-    from leanlm.spec.draft import DraftSession
+    from leanlm.speculative.draft import DraftSession
 
     tgt = target if isinstance(target, Target) else Target(target)
     g = torch.Generator().manual_seed(seed)

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.errors import CheckpointError, LeanLMError
-from leanlm.spec.tree import EXTRA_STRATEGIES, Drafter, Eagle2, TokenTree, TreeStrategy
+from leanlm.speculative.tree import EXTRA_STRATEGIES, Drafter, Eagle2, TokenTree, TreeStrategy
 
 FEATURE_SCALINGS = ("raw", "log")
 
@@ -133,6 +133,8 @@ class C2T(TreeStrategy):
             classifier, _ = C2TClassifier.load(classifier)
         if not 0.0 < beta < 1.0 or top_k < 1 or max_depth < 1:
             raise ValueError("c2t needs 0 < beta < 1, top_k >= 1, max_depth >= 1")
+        if not all(bool(torch.isfinite(p).all()) for p in classifier.parameters()):
+            raise ValueError("the C2T classifier has NaN or infinite weights (it would prune every node); retrain it")
         self.clf = classifier.eval()
         self.beta, self.top_k, self.max_depth, self.second_topk = beta, top_k, max_depth, second_topk
         self.max_nodes = max_nodes  # optional cap on the whole tree (root included), e.g. a cost-aware budget
@@ -231,9 +233,9 @@ def collect_trees(target, head, prompts: list[torch.Tensor], max_new_tokens: int
     lies on the accepted (greedy) path. Decoding itself is ordinary lossless speculative decoding with that tree.
     prompts: token ids [1, T] each.
     """
-    from leanlm.spec.draft import DraftSession
-    from leanlm.spec.engine import SpeculativeDecoder
-    from leanlm.spec.target import Target
+    from leanlm.speculative.draft import DraftSession
+    from leanlm.speculative.engine import SpeculativeDecoder
+    from leanlm.speculative.target import Target
 
     tgt = target if isinstance(target, Target) else Target(target)
     total = 1 + top_k + (depth - 1) * top_k * top_k

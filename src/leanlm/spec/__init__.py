@@ -1,7 +1,0 @@
-"""Speculative decoding: draft heads, token-tree strategies, lossless tree verification, the decoding loop."""
-
-from leanlm.spec.engine import SpecStats, SpeculativeDecoder, plain_generate
-from leanlm.spec.tree import Chain, Eagle2, StaticTree, TokenTree, TreeStrategy, make_strategy
-
-__all__ = ["Chain", "Eagle2", "SpecStats", "SpeculativeDecoder", "StaticTree", "TokenTree", "TreeStrategy",
-           "make_strategy", "plain_generate"]

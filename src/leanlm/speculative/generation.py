@@ -1,0 +1,93 @@
+"""`generate()` for speculative decoding, shaped like Hugging Face's `model.generate`.
+
+    from leanlm.speculative import generate   # defined in leanlm/speculative/generation.py
+    out = generate(model, input_ids, draft="assets/draft-smollm2", strategy="c2t", classifier="assets/c2t-smollm2",
+                   max_new_tokens=128, do_sample=False, streamer=TextStreamer(tokenizer))
+    text = tokenizer.decode(out[0, input_ids.shape[1]:])
+
+It returns the prompt followed by the new tokens as a LongTensor [B, T + new] on the prompt's device, like
+`model.generate` (rows that stop early at `eos_token_id` are right-padded with `pad_token_id`). Greedy output is
+token-identical to `model.generate(do_sample=False)`; sampled output is distributed as plain sampling with the same
+temperature / top-k / top-p (the verification is lossless, see `leanlm.speculative.verify`). A streamer
+(transformers' `TextStreamer`, `TextIteratorStreamer` or any `BaseStreamer`) receives the prompt first and then
+each step's accepted tokens, as with `model.generate`; streaming needs batch size 1.
+
+Batch size 1 runs `SpeculativeDecoder`; B > 1 runs `BatchedSpeculativeDecoder` (one target forward per step for all
+rows, each with its own tree). `attention_mask` (left padding) is honoured by dropping each row's padded positions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from leanlm.speculative.batch import BatchedSpeculativeDecoder
+from leanlm.speculative.draft import EagleDraftHead
+from leanlm.speculative.engine import SpeculativeDecoder
+from leanlm.speculative.tree import TreeStrategy, make_strategy
+
+
+def _strategy(strategy: str | TreeStrategy, classifier, beta: float | None, kwargs: dict) -> TreeStrategy:
+    if isinstance(strategy, TreeStrategy):
+        return strategy
+    import leanlm.speculative.c2t  # noqa: F401  (registers the c2t strategy)
+
+    if strategy == "c2t":
+        if classifier is None:
+            raise ValueError("strategy='c2t' needs classifier= (a C2TClassifier or a folder written by "
+                             "`leanlm spec c2t-train`)")
+        kwargs = {"classifier": classifier, **({"beta": beta} if beta is not None else {}), **kwargs}
+    return make_strategy(strategy, **kwargs)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, draft: EagleDraftHead | str | Path, strategy: str | TreeStrategy = "eagle2",
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
+             top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             attention_mask: torch.Tensor | None = None, streamer=None, seed: int = 0, classifier=None,
+             beta: float | None = None, **strategy_kwargs) -> torch.LongTensor:
+    """Speculative decoding of `input_ids` [B, T] with draft head `draft` and tree `strategy` (`chain`, `static`,
+    `eagle2`, `c2t` or a `TreeStrategy`; extra keywords go to the strategy, e.g. `total_tokens=30`). Arguments
+    named as in `model.generate` mean what they mean there; `eos_token_id` defaults to the model's generation config.
+    Returns [B, T + new] token ids."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
+    head = EagleDraftHead.load(draft, model.config)[0] if isinstance(draft, (str, Path)) else draft
+    head = head.to(next(model.parameters()).device)
+    tree = _strategy(strategy, classifier, beta, strategy_kwargs)
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+        if pad_token_id is None:
+            first = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+            pad_token_id = first if isinstance(first, int) else 0
+    sampling = {"temperature": temperature if do_sample else 0.0, "top_k": top_k if do_sample else 0,
+                "top_p": top_p if do_sample else 1.0}
+    rows = [row[mask.bool()] if attention_mask is not None else row
+            for row, mask in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
+    if len(rows) == 1:
+        if streamer is not None:
+            streamer.put(rows[0].cpu())
+        put = (lambda new: streamer.put(torch.tensor(new))) if streamer is not None else None
+        new, _ = SpeculativeDecoder(model, head, tree).generate(rows[0][None], max_new_tokens, eos_token_id=eos_token_id,
+                                                                seed=seed, on_tokens=put, **sampling)
+        if streamer is not None:
+            streamer.end()
+        outs = [new]
+    else:
+        if streamer is not None:
+            raise ValueError("streamers support batch size 1 only (as in transformers' generate)")
+        outs, _, _ = BatchedSpeculativeDecoder(model, head, tree).generate(
+            [r.tolist() for r in rows], max_new_tokens, eos_token_id=eos_token_id, seed=seed, **sampling)
+    width = max(len(o) for o in outs)
+    tail = torch.full((len(outs), width), pad_token_id, dtype=torch.long)
+    for i, o in enumerate(outs):
+        tail[i, : len(o)] = torch.tensor(o, dtype=torch.long)
+    return torch.cat([input_ids.cpu(), tail], dim=1).to(input_ids.device)
