@@ -112,7 +112,7 @@ TRAIN_KEYS = [("model", k) for k in FIELDS["model"]] + [("train", k) for k in FI
 
 
 @pytest.mark.timeout(900)
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(st.lists(st.tuples(st.sampled_from(TRAIN_KEYS), CLI_VALUES), min_size=1, max_size=2))
 def test_fuzz_train_command(corpus_dir, overrides):
     from conftest import tiny_raw_config
@@ -160,7 +160,7 @@ TARGETS = st.sampled_from(["config.json", "model.safetensors", "trainer_state.pt
 
 
 @pytest.mark.timeout(900)
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(TARGETS, DAMAGE, st.integers(0, 2**31), st.sampled_from(["generate", "eval", "train"]),
        st.booleans(), JUNK)
 def test_fuzz_damaged_checkpoint(fuzz_run, target, damage, where, command, drop_manifest, json_value):
@@ -212,7 +212,7 @@ NUMBER_TEXT = st.one_of(st.integers(-2**70, 2**70).map(str), st.floats(allow_nan
 
 
 @pytest.mark.timeout(900)
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(st.text(max_size=40), st.lists(st.tuples(st.sampled_from(["--max-new-tokens", "--temperature", "--top-k",
                                                                   "--seed"]), NUMBER_TEXT), max_size=3),
        st.sampled_from(["generate", "eval"]))

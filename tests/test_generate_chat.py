@@ -34,10 +34,16 @@ def test_chat_template_is_the_default_and_only_the_answer_is_printed(smollm2):
     assert raw.startswith(QUESTION)  # raw completion continues the text itself
 
 
-@pytest.mark.parametrize("spec", ["eagle2", "c2t"])
-def test_spec_without_draft_uses_the_committed_head_for_smollm2(spec):
+@pytest.fixture(scope="module")
+def plain_answer():
     rc, plain, err = run(["generate", "smollm2", "--prompt", QUESTION, "--max-new-tokens", "10", "--temperature", "0"])
     assert rc == 0, err
+    return plain
+
+
+@pytest.mark.parametrize("spec", ["eagle2", "c2t"])
+def test_spec_without_draft_uses_the_committed_head_for_smollm2(spec, plain_answer):
+    plain = plain_answer
     rc, out, err = run(["generate", "smollm2", "--prompt", QUESTION, "--max-new-tokens", "10", "--temperature", "0",
                         "--spec", spec])
     assert rc == 0, err
