@@ -5,8 +5,9 @@
 # what the machine lacks (pytest for the kernel tests); the machine's own torch / transformers / triton are used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 SITE="$(mktemp -d)"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
 fi
-PYTHONPATH="src:$SITE${PYTHONPATH:+:$PYTHONPATH}" python benchmarks/gpu_check.py --out "${OUT:-runs/gpu-check}" "$@"
+PYTHONPATH="src:$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/gpu_check.py --out "${OUT:-runs/gpu-check}" "$@"
