@@ -119,7 +119,7 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
 
     from leanlm.speculative.c2t import C2T, C2TClassifier
     from leanlm.speculative.cost import draft_layer_seconds, verify_seconds
-    from leanlm.speculative.draft import EagleDraftHead, head_config
+    from leanlm.speculative.draft import EagleDraftHead, ModelDrafter, head_config
     from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
     from leanlm.speculative.target import Target
     from leanlm.speculative.tree import make_strategy
@@ -149,32 +149,6 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen) for _ in range(n_prompts)]
 
-    class SelfDrafter:
-        """The target drafting for itself (acceptance is then limited only by numerics): exercises deep paths."""
-
-        def __init__(self, prompt: torch.Tensor):
-            self.seq, self.paths = prompt[0].tolist()[:1], {0: []}
-
-        def _logp(self, seqs):
-            with torch.no_grad():
-                logits = model(torch.tensor(seqs, device=dev), use_cache=False).logits[:, -1].float()
-            return torch.log_softmax(logits, -1)
-
-        def prefill(self, features, tokens):
-            self.seq += tokens
-            self.paths = {0: []}
-
-        def root(self):
-            return self._logp([self.seq])[0]
-
-        def expand(self, nodes, tokens, parents):
-            for n, t, p in zip(nodes, tokens, parents):
-                self.paths[n] = self.paths[p] + [t]
-            return torch.cat([self._logp([self.seq + self.paths[n]]) for n in nodes])
-
-        def end_tree(self):
-            pass
-
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -199,7 +173,8 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
             key = f"{name}/{drafter}"
             same, taus = 0, []
             for ids, ref in zip(prompts, refs):
-                factory = (lambda ids=ids: SelfDrafter(ids)) if drafter == "self" else None
+                # "self": the target drafting for itself, so acceptance goes deep (limited only by numerics)
+                factory = (lambda ids=ids: ModelDrafter(model, first=int(ids[0, 0]))) if drafter == "self" else None
                 dec = SpeculativeDecoder(target, head, strategy, drafter_factory=factory)
                 got, st = dec.generate(ids, new_tokens)
                 taus.append(st.tau)

@@ -13,47 +13,10 @@ import torch
 from leanlm.config import LeanLMConfig
 from leanlm.model import LeanLMForCausalLM
 from leanlm.speculative import Chain, Eagle2, SpeculativeDecoder, StaticTree, TokenTree, plain_generate
-from leanlm.speculative.draft import EagleDraftHead, head_config
+from leanlm.speculative.draft import EagleDraftHead, ModelDrafter, head_config
 from leanlm.speculative.verify import greedy_accept, process_logits, sample_accept
 
 V = 48
-
-
-class ModelDrafter:
-    """Drafts with a (possibly different, possibly noisy) causal LM, recomputing from scratch: slow, exact, simple."""
-
-    def __init__(self, model, noise: float = 0.0, seed: int = 0):
-        self.model, self.noise = model, noise
-        self.gen = torch.Generator().manual_seed(seed)
-        self.seq: list[int] = []
-        self.paths: dict[int, list[int]] = {}
-
-    def _logp(self, seqs: list[list[int]]) -> torch.Tensor:
-        with torch.no_grad():
-            logits = self.model(torch.tensor(seqs), use_cache=False).logits[:, -1].float()
-        if self.noise:
-            logits = logits + self.noise * torch.randn(logits.shape, generator=self.gen)
-        return torch.log_softmax(logits, -1)
-
-    def prefill(self, features, tokens):
-        if not self.seq:
-            self.seq = [self.first]
-        self.seq += tokens
-        self.paths = {0: []}
-
-    def root(self):
-        return self._logp([self.seq])[0]
-
-    def expand(self, nodes, tokens, parents):
-        for n, t, p in zip(nodes, tokens, parents):
-            self.paths[n] = self.paths[p] + [t]
-        seqs = [self.seq + self.paths[n] for n in nodes]
-        if len({len(x) for x in seqs}) == 1:  # one batched forward when the nodes are at one depth
-            return self._logp(seqs)
-        return torch.cat([self._logp([x]) for x in seqs])
-
-    def end_tree(self):
-        pass
 
 
 def tiny(kind="gqa", seed=0, layers=2):

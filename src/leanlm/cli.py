@@ -176,8 +176,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from leanlm.evals.suite import markdown_table, parse_tasks, run_suite, write_results
 
         tasks = parse_tasks(args.tasks)  # validate before loading anything
-        if args.limit is not None and args.limit <= 0:
-            raise LeanLMError("--limit must be > 0. Fix: e.g. --limit 200, or leave it out for full sets")
         model, tokenizer = load_model_and_tokenizer(str(path), device=checked_device(args.device))
         results = run_suite(model, tokenizer, tasks, args.limit, batch_size=args.batch_size)
         print(markdown_table(results))
@@ -322,15 +320,8 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
     from leanlm.speculative.prompts import DRAFT_MIXES, draft_prompts
     from leanlm.speculative.train_draft import DraftTrainConfig, build_feature_cache, load_feature_cache, train_head
 
-    if args.prompts <= 0 or args.max_new_tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
-        raise LeanLMError("--prompts, --max-new-tokens, --epochs and --batch-size must be > 0. Fix: e.g. "
-                          "--prompts 2000")
     if args.mix not in DRAFT_MIXES:
         raise LeanLMError(f"--mix {args.mix!r} is unknown. Fix: use one of {', '.join(DRAFT_MIXES)}")
-    if args.val_prompts < 0:
-        raise LeanLMError(f"--val-prompts must be >= 0, got {args.val_prompts}. Fix: e.g. --val-prompts 64")
-    if args.cls_weight < 0:
-        raise LeanLMError(f"--cls-weight must be >= 0, got {args.cls_weight}. Fix: e.g. --cls-weight 0.1")
     if args.init is not None and not (Path(args.init) / "draft_config.json").exists():
         raise LeanLMError(f"--init {args.init} is not a draft head folder (no draft_config.json). Fix: pass a folder "
                           "written by `leanlm spec train-draft`")
@@ -441,9 +432,6 @@ def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
     from leanlm.speculative.draft import EagleDraftHead
     from leanlm.speculative.prompts import draft_prompts, encode_chat
 
-    if args.prompts <= 0 or args.max_new_tokens <= 0 or args.top_k <= 0 or args.depth <= 0:
-        raise LeanLMError("--prompts, --max-new-tokens, --top-k and --depth must be > 0. Fix: e.g. --top-k 10 "
-                          "--depth 10")
     if not str(args.out).endswith(".safetensors"):
         raise LeanLMError(f"--out {args.out} must end in .safetensors. Fix: e.g. --out .cache/c2t/trees.safetensors")
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
@@ -470,9 +458,6 @@ def cmd_spec_c2t_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
-    if args.epochs <= 0 or not 0 < args.val_fraction < 1 or not 0 < args.beta < 1 or args.neg_ratio < 0:
-        raise LeanLMError("need --epochs > 0, 0 < --val-fraction < 1, 0 < --beta < 1, --neg-ratio >= 0. Fix: e.g. "
-                          "--epochs 10 --val-fraction 0.05 --beta 0.5 --neg-ratio 4")
     rows, meta = load_rows(args.data)
     cfg = C2TTrainConfig(hidden=args.hidden, feature_scaling=args.feature_scaling,
                          entropy_top=meta.get("entropy_top", 1000) or None, neg_ratio=args.neg_ratio,

@@ -170,3 +170,46 @@ class DraftSession:
         """Forget cached pairs beyond position `length`."""
         self.cache.crop(length)
         self.prefix = min(self.prefix, length)
+
+
+class ModelDrafter:
+    """A `Drafter` that runs a whole causal LM over each candidate sequence, without a cache: the target drafting for
+    itself (acceptance then limited only by numerics) or any small LM with the target's vocabulary. Slow (one full
+    forward per tree layer), for checks and tests. `noise` adds Gaussian noise of that scale to the logits (seeded),
+    so that drafts are often, not always, right; `first` is the prompt's first token (the engine's prefill hands the
+    drafter the prompt from its second token on)."""
+
+    def __init__(self, model, noise: float = 0.0, seed: int = 0, first: int | None = None):
+        self.model, self.noise = model, noise
+        self.device = next(model.parameters()).device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.first = first
+        self.seq: list[int] = []
+        self.paths: dict[int, list[int]] = {}
+
+    def _logp(self, seqs: list[list[int]]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(torch.tensor(seqs, device=self.device), use_cache=False).logits[:, -1].float()
+        if self.noise:
+            logits = logits + self.noise * torch.randn(logits.shape, generator=self.gen).to(logits.device)
+        return torch.log_softmax(logits, -1)
+
+    def prefill(self, features, tokens: list[int]) -> None:
+        if not self.seq:
+            self.seq = [self.first]
+        self.seq += tokens
+        self.paths = {0: []}
+
+    def root(self) -> torch.Tensor:
+        return self._logp([self.seq])[0]
+
+    def expand(self, nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+        for n, t, p in zip(nodes, tokens, parents):
+            self.paths[n] = self.paths[p] + [t]
+        seqs = [self.seq + self.paths[n] for n in nodes]
+        if len({len(x) for x in seqs}) == 1:  # one batched forward when the nodes are at one depth
+            return self._logp(seqs)
+        return torch.cat([self._logp([x]) for x in seqs])
+
+    def end_tree(self) -> None:
+        pass
