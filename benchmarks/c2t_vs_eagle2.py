@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_rows = []
     if args.batch > 1:
-        from leanlm.speculative.batch import BatchedSpeculativeDecoder
+        from leanlm.speculative.engine import BatchedSpeculativeDecoder
         from leanlm.speculative.engine import SpeculativeDecoder
 
         ps = [encode_chat(tok, p) for p in next(iter(prompts.values()))][: 2 * args.batch]

@@ -121,7 +121,7 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
     from leanlm.speculative.cost import draft_layer_seconds, verify_seconds
     from leanlm.speculative.draft import EagleDraftHead, ModelDrafter, head_config
     from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
-    from leanlm.speculative.target import Target
+    from leanlm.speculative.target import make_target
     from leanlm.speculative.tree import make_strategy
 
     deadline = time.perf_counter() + timeout
@@ -155,7 +155,7 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
 
     result: dict = {"model": {**shape, "dtype": str(dtype).replace("torch.", ""), "logit_scale": args.logit_scale},
                     "identical": {}, "first_divergence": [], "stats": {}}
-    target = Target(model)
+    target = make_target(model)
     plain_times, refs = [], []
     for ids in prompts:
         sync()
@@ -182,7 +182,6 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
                     same += 1
                 else:  # a bug, or a near-tie resolved differently by two kernels: the logit gap tells which
                     i = next(j for j, (a, b) in enumerate(zip(got, ref)) if a != b)
-                    target.reset()
                     seq = torch.tensor([ids[0].tolist() + ref[:i]], device=dev)
                     with torch.no_grad():
                         top2 = model(seq, use_cache=False).logits[0, -1].float().topk(2).values
@@ -196,6 +195,11 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
         result["draft_layer_ms"] = 1000 * draft_layer_seconds(head, target, width=10, context=context,
                                                               repeats=3 if args.smoke else 5)
         result["predicted"] = predict(result["verify_ms"], result["draft_layer_ms"])
+    if time.perf_counter() < deadline and not args.smoke:  # compiled steps (CUDA graphs on a GPU)
+        compiled = make_target(model, compile=True)
+        result["verify_ms_compiled"] = {n: 1000 * s for n, s in verify_seconds(
+            compiled, [n for n in sizes if n <= 64], context=context, repeats=5).items()}
+        result["compile_seconds"] = compiled.compile_stats.seconds
     if time.perf_counter() < deadline:
         ids = prompts[0].to(dev)
         with torch.no_grad():

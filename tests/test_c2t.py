@@ -71,10 +71,10 @@ def test_c2t_growth_follows_the_classifier():
         depths = tree.depths()
         for d in range(1, max(depths) + 1):
             assert sum(x == d for x in depths) <= 6
-        conf = strategy.clf(torch.tensor(tree.logp[1:]), torch.zeros(len(tree) - 1),
-                            torch.tensor(depths[1:]) - 1)
-        assert torch.allclose(conf, strategy.clf(torch.tensor(tree.logp[1:]), torch.ones(len(tree) - 1),
-                                                 torch.tensor(depths[1:]) - 1))  # this classifier ignores H
+        conf = strategy.clf(torch.as_tensor(tree.logp[1:]), torch.zeros(len(tree) - 1),
+                            torch.as_tensor(depths[1:]) - 1)
+        assert torch.allclose(conf, strategy.clf(torch.as_tensor(tree.logp[1:]), torch.ones(len(tree) - 1),
+                                                 torch.as_tensor(depths[1:]) - 1))  # this classifier ignores H
         assert (conf >= 0.5).all()
     assert sum(len(t) for t in stats.trees) > 3 * len(stats.trees)  # real trees, not bare roots
     dec.strategy = C2T(depth_classifier(2.5), beta=0.5, top_k=4, max_depth=2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from leanlm.speculative import Chain, Eagle2, plain_generate
-from leanlm.speculative.batch import BatchedSpeculativeDecoder
+from leanlm.speculative.engine import BatchedSpeculativeDecoder
 from leanlm.speculative.c2t import C2T
 from test_c2t import depth_classifier
 from test_spec import V, ModelDrafter, assert_samples_like_plain, sampling_target, tiny, tiny_hf_llama
@@ -81,13 +81,6 @@ def test_batched_sampling_matches_plain_sampling():
         outs, _, _ = dec.generate([prompt] * 8, 2, temperature=1.0, top_k=3, seed=8 * s)
         spec.update(tuple(o) for o in outs)
     assert_samples_like_plain(target, spec, prompt)
-
-
-def test_compaction_moves_valid_slots_to_the_front():
-    valid = torch.tensor([[False, True, False, True, True], [True, False, False, False, False]])
-    idx = BatchedSpeculativeDecoder._compact(valid)
-    assert idx[0].tolist() == [1, 3, 4] and idx[1, 0].item() == 0
-    assert BatchedSpeculativeDecoder._valid(valid).tolist() == [[True, True, True], [True, False, False]]
 
 
 def test_batched_gemma3_target_with_sliding_window_layers():

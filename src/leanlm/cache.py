@@ -34,6 +34,16 @@ class LayerState(Protocol):
 S = TypeVar("S", bound=LayerState)
 
 
+def move_slots(t: torch.Tensor, dst: torch.Tensor, index: torch.Tensor) -> None:
+    """In place on t [B, H, S, D]: for each row b, t[b, :, dst[b] + j] = old t[b, :, index[b, j]] (j < R). The
+    sources are read before anything is written, so source and destination ranges may overlap."""
+    b, h, _, d = t.shape
+    r = index.shape[1]
+    src = torch.gather(t, 2, index.to(t.device)[:, None, :, None].expand(b, h, r, d))  # [B, H, R, D]
+    to = dst.to(t.device)[:, None] + torch.arange(r, device=t.device)  # [B, R]
+    t.scatter_(2, to[:, None, :, None].expand(b, h, r, d), src)
+
+
 class GrowingBuffer:
     """A [B, H, T, D] tensor that grows along T with amortised O(1) appends (capacity doubling)."""
 
@@ -68,6 +78,12 @@ class GrowingBuffer:
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
+
+    def move(self, dst: torch.Tensor, index: torch.Tensor) -> None:
+        """Per batch row b, slots [dst[b], dst[b] + R) := the old slots index[b] (dst [B], index [B, R]), in place;
+        the length is left alone (the caller crops). Speculative decoding moves each row's accepted path this way."""
+        if self.data is not None:
+            move_slots(self.data, dst, index)
 
     def gather(self, index: torch.Tensor) -> None:
         """Per batch row, keep the tokens `index[b]` [B, C] (row b's stored tokens, in the order given): batched
@@ -173,6 +189,17 @@ class LeanCache:
         for st in self.layers:
             if st is not None:
                 st.select(index)
+
+    def move(self, dst: torch.Tensor, index: torch.Tensor) -> None:
+        """Per batch row b, cached slots [dst[b], dst[b] + R) := old slots index[b] (dst [B], index [B, R]), in
+        place (the accepted paths of a tree step). Full-attention states only, like `keep`."""
+        for st in self.layers:
+            if st is None:
+                continue
+            if not hasattr(st, "move"):
+                raise NotImplementedError(f"{type(st).__name__} cannot move tokens (sliding-window and block-sparse "
+                                          "caches are position-structured); use chain drafting")
+            st.move(dst, index)
 
     def gather(self, index: torch.Tensor) -> None:
         """Per batch row b keep the cached tokens `index[b]` [B, C] (batched tree verification). Full-attention

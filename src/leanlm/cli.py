@@ -214,22 +214,20 @@ def use_chat(tokenizer, chat: bool | None) -> bool:
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-                  seed: int, stream: bool = True, chat: bool = False) -> str:
-    """Sample (or, at temperature 0, greedily decode) a continuation with `model.generate`, streamed through
-    transformers' `TextStreamer`. With `chat` the prompt is a user turn of the chat template and only the answer is
-    printed and returned; without it the prompt is continued and printed with its continuation."""
-    import torch
-    from transformers import TextStreamer
+                  seed: int, stream: bool = True, chat: bool = False, compile: str = "off") -> str:
+    """Sample (or, at temperature 0, greedily decode) a continuation through leanlm's decoding backend, streamed.
+    With `chat` the prompt is a user turn of the chat template and only the answer is printed and returned;
+    without it the prompt is continued and printed with its continuation."""
+    from leanlm.speculative.generation import decode_text
 
-    torch.manual_seed(seed)
-    ids = torch.tensor([encode_prompt(tokenizer, prompt, chat)], device=model.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=chat, skip_special_tokens=True) if stream else None
-    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "streamer": streamer,
-              "pad_token_id": tokenizer.eos_token_id}
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_k=top_k or None)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
+    if stream and not chat:
+        print(prompt, end="", flush=True)
+    answer, _ = decode_text(model, tokenizer, encode_prompt(tokenizer, prompt, chat), max_new_tokens,
+                            temperature=temperature, top_k=top_k, seed=seed, compile=compile,
+                            on_text=(lambda piece: print(piece, end="", flush=True)) if stream else None)
+    if stream:
+        print(flush=True)
+    return answer if chat else prompt + answer
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -271,7 +269,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chat = use_chat(tokenizer, args.chat)
     check_prompt(model, tokenizer, args.prompt, args.max_new_tokens, chat)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                  chat=chat)
+                  chat=chat, compile=args.compile)
     return 0
 
 
@@ -285,31 +283,19 @@ def check_prompt(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool 
 
 def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace) -> str:
     """Stream a speculative-decoding continuation, then print the step statistics."""
-    from leanlm.speculative.engine import SpeculativeDecoder
+    from leanlm.speculative.generation import decode_text
 
-    import torch
-
-    ids = torch.tensor([encode_prompt(tokenizer, args.prompt, args.chat)])
-    done: list[int] = []
-    printed = 0
     if not args.chat:  # raw completion: the prompt, then its continuation
         print(args.prompt, end="", flush=True)
-
-    def stream(new: list[int]) -> None:
-        nonlocal printed
-        done.extend(new)
-        text = tokenizer.decode(done, skip_special_tokens=True)
-        print(text[printed:], end="", flush=True)
-        printed = len(text)
-
-    _, stats = SpeculativeDecoder(model, head.to(model.device), strategy).generate(
-        ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-        eos_token_id=tokenizer.eos_token_id, on_tokens=stream)
+    answer, stats = decode_text(model, tokenizer, encode_prompt(tokenizer, args.prompt, args.chat),
+                                args.max_new_tokens, head=head, strategy=strategy, temperature=args.temperature,
+                                top_k=args.top_k, seed=args.seed, compile=args.compile,
+                                on_text=lambda piece: print(piece, end="", flush=True))
     st = stats.as_dict()
+    compiled = f", compile {st['compile_seconds']:.0f} s" if st["compile_seconds"] else ""
     print(f"\n[{strategy.describe()}: {st['steps']} steps, tau {st['tau']:.2f} accepted draft tokens per step, "
           f"{st['candidates_per_step']:.1f} candidates verified per step, draft {st['draft_ms_per_step']:.1f} ms + "
-          f"verify {st['verify_ms_per_step']:.1f} ms per step]")
-    answer = tokenizer.decode(done, skip_special_tokens=True)
+          f"verify {st['verify_ms_per_step']:.1f} ms per step{compiled}]")
     return answer if args.chat else args.prompt + answer
 
 
@@ -412,7 +398,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         for i, prompt in enumerate(prompts):
             check_fits_context(model, len(encode_chat(tokenizer, prompt)), args.max_new_tokens,
                                f"prompt {i} of {name}")
-    rows = run_bench(model, tokenizer, head, strategies, prompt_sets, args.max_new_tokens)
+    rows = run_bench(model, tokenizer, head, strategies, prompt_sets, args.max_new_tokens, compile=args.compile)
     table = markdown(rows)
     print(table)
     if args.out:
@@ -602,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classifier", default=None, help="C2T classifier folder for --spec c2t (smollm2: the committed one)")
     g.add_argument("--beta", type=unit_interval, default=0.5, help="C2T confidence threshold")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (the draft head follows the model)")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the decoding steps: auto (on with a GPU), on, off; on a CPU a graph takes about a minute "
+                   "to compile the first time (cached on disk under .cache/inductor)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="the prompt as a user turn of the tokenizer's chat template (default when the model has one; "
                    "--no-chat: raw completion)")
@@ -663,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--max-new-tokens", type=positive_int, default=128)
     sb.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it)")
     sb.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    sb.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                    help="torch.compile the decoding steps: auto (on with a GPU), on, off; on a CPU a graph takes about a minute "
+                   "to compile the first time (cached on disk under .cache/inductor)")
     sb.set_defaults(func=cmd_spec_bench)
 
     cc = ssub.add_parser("c2t-collect", help="grow full EAGLE-2 trees, verify every node, store C2T features + labels")

@@ -38,6 +38,10 @@ class KVState:
         self.k.keep(start, index)
         self.v.keep(start, index)
 
+    def move(self, dst: torch.Tensor, index: torch.Tensor) -> None:
+        self.k.move(dst, index)
+        self.v.move(dst, index)
+
     def gather(self, index: torch.Tensor) -> None:
         self.k.gather(index)
         self.v.gather(index)

@@ -85,6 +85,12 @@ class LatentState:
         self.c.keep(start, index)
         self.k_rope.keep(start, index)
 
+    def move(self, dst: torch.Tensor, index: torch.Tensor) -> None:
+        if self.window:
+            raise NotImplementedError("a sliding-window latent cache cannot move tokens; use chain drafting")
+        self.c.move(dst, index)
+        self.k_rope.move(dst, index)
+
     def gather(self, index: torch.Tensor) -> None:
         if self.window:
             raise NotImplementedError("a sliding-window latent cache cannot keep per-row token subsets")

@@ -12,16 +12,22 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
+from leanlm.speculative.engine import SpeculativeDecoder, cache_capacity, plain_generate
+from leanlm.speculative.target import make_target
 from leanlm.speculative.prompts import encode_chat
 from leanlm.speculative.tree import TreeStrategy
 
 
 def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], prompt_sets: dict[str, list[str]],
               max_new_tokens: int, progress: bool = True,
-              answers: dict[str, list[list[int]]] | None = None) -> list[dict]:
+              answers: dict[str, list[list[int]]] | None = None, compile: bool | str = False) -> list[dict]:
     """One row per prompt set and strategy (plain decoding as strategy "none"); `answers`, when given, receives the
-    plain greedy answer (token ids) of every prompt, per set."""
+    plain greedy answer (token ids) of every prompt, per set. Plain and speculative decoding share one target
+    (`compile`: see `leanlm.speculative.target`) and one cache size, so compiled graphs are made once per width."""
+    target = make_target(model, compile)
+    widest = max([s.node_bound() or 256 for s in strategies.values()] + [1])
+    longest = max(len(encode_chat(tokenizer, p)) for ps in prompt_sets.values() for p in ps)
+    capacity = cache_capacity(longest, max_new_tokens, widest)
     rows = []
     for set_name, prompts in prompt_sets.items():
         plain_s, plain_tokens = 0.0, 0
@@ -29,14 +35,15 @@ def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], promp
                    "tokens": 0, "identical": 0} for k in strategies}
         for prompt in tqdm(prompts, desc=set_name, disable=not progress, leave=False):
             ids = torch.tensor([encode_chat(tokenizer, prompt)])
-            ref, secs = plain_generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+            ref, secs = plain_generate(target, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                       capacity=capacity)
             if answers is not None:
                 answers.setdefault(set_name, []).append(ref)
             plain_s += secs
             plain_tokens += len(ref) - 1  # the first token comes from the prompt's forward in both
             for name, strategy in strategies.items():
-                out, st = SpeculativeDecoder(model, head, strategy).generate(ids, max_new_tokens,
-                                                                             eos_token_id=tokenizer.eos_token_id)
+                out, st = SpeculativeDecoder(target, head, strategy, capacity=capacity).generate(
+                    ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
                 a = acc[name]
                 a["identical"] += out == ref
                 a["steps"] += st.steps

@@ -142,40 +142,55 @@ class C2T(TreeStrategy):
     @torch.no_grad()
     def grow(self, drafter: Drafter, root_token: int) -> TokenTree:
         k = self.top_k
-        tokens, parents, logp = [root_token], [-1], [0.0]
-        front = [0]  # node ids of the current frontier
         dist = drafter.root()[None]  # [1, V] children distributions of the frontier
+        dev = dist.device
+        if next(self.clf.parameters()).device != dev:  # the classifier follows the drafter's device
+            self.clf.to(dev)
+        tokens = [torch.tensor([root_token], device=dev)]
+        parents = [torch.tensor([-1], device=dev)]
+        logps = [torch.zeros(1, device=dev)]
+        front = torch.zeros(1, dtype=torch.long, device=dev)  # node ids of the current frontier [n]
+        f_logp = logps[0]  # [n]
+        size = 1
         for d in range(self.max_depth):
             ent = top_entropy(dist, self.clf.entropy_top)  # [n]
             best = dist.topk(k, dim=-1)  # first pruning by generation probability: per-parent top-K
-            joint = torch.tensor([logp[i] for i in front], dtype=dist.dtype,
-                                 device=dist.device)[:, None] + best.values  # [n, K]
-            if next(self.clf.parameters()).device != dist.device:  # the classifier follows the drafter's device
-                self.clf.to(dist.device)
-            conf = self.clf(joint.flatten(), ent[:, None].expand_as(joint).flatten(),
-                            torch.full((joint.numel(),), d, device=dist.device))  # [n*K]
-            keep = (conf >= self.beta).nonzero().flatten()
-            if self.second_topk is not None and keep.numel() > self.second_topk:
-                keep = keep[conf[keep].topk(self.second_topk).indices]
+            joint = (f_logp[:, None] + best.values.float()).flatten()  # [n*K]
+            conf = self.clf(joint, ent[:, None].expand(-1, k).flatten(),
+                            torch.full((joint.numel(),), d, device=dev))  # [n*K]
+            conf = torch.where(conf >= self.beta, conf, -1.0)  # pruned: below beta
+            cap = joint.numel()
+            if self.second_topk is not None:
+                cap = min(cap, self.second_topk)
             if self.max_nodes is not None:
-                room = self.max_nodes - len(tokens)
-                if keep.numel() > room:
-                    keep = keep[conf[keep].topk(max(room, 0)).indices]
-            if keep.numel() == 0:
+                cap = min(cap, self.max_nodes - size)
+            kept = int((conf >= 0).sum())  # one host sync per layer: the tree's size decides the next expand
+            cap = min(cap, kept)
+            if cap <= 0:
                 break
-            keep = keep.sort().values.tolist()  # parent order, then child rank: parents stay before children
-            new = []
-            for j in keep:
-                r, c = divmod(j, k)
-                new.append(len(tokens))
-                tokens.append(int(best.indices[r, c]))
-                parents.append(front[r])
-                logp.append(float(joint[r, c]))
-            if d + 1 == self.max_depth or (self.max_nodes is not None and len(tokens) >= self.max_nodes):
+            keep = conf.topk(cap).indices.sort().values  # parent order, then child rank: parents before children
+            new = size + torch.arange(cap, device=dev)
+            tok = best.indices.flatten()[keep]
+            par = front[keep // k]
+            tokens.append(tok)
+            parents.append(par)
+            logps.append(joint[keep])
+            size += cap
+            if d + 1 == self.max_depth or (self.max_nodes is not None and size >= self.max_nodes):
                 break
-            dist = drafter.expand(new, [tokens[i] for i in new], [parents[i] for i in new])
-            front = new
-        return TokenTree(tokens, parents, logp)
+            dist = drafter.expand(new, tok, par)
+            front, f_logp = new, joint[keep]
+        return TokenTree(torch.cat(tokens), torch.cat(parents), torch.cat(logps))
+
+    def node_bound(self) -> int:
+        if self.max_nodes is not None:
+            return self.max_nodes
+        cap = self.second_topk or 10 ** 9
+        total, front = 1, 1
+        for _ in range(self.max_depth):
+            front = min(cap, front * self.top_k)
+            total += front
+        return total
 
     def describe(self) -> str:
         extra = f", max_nodes={self.max_nodes}" if self.max_nodes else ""
@@ -203,7 +218,7 @@ class EntropyRecorder:
 
     def expand(self, nodes, tokens, parents) -> torch.Tensor:
         out = self.drafter.expand(nodes, tokens, parents)
-        for n, h in zip(nodes, top_entropy(out, self.top).tolist()):
+        for n, h in zip(torch.as_tensor(nodes).tolist(), top_entropy(out, self.top).tolist()):
             self.entropy[n] = h
         return out
 
@@ -235,9 +250,9 @@ def collect_trees(target, head, prompts: list[torch.Tensor], max_new_tokens: int
     """
     from leanlm.speculative.draft import DraftSession
     from leanlm.speculative.engine import SpeculativeDecoder
-    from leanlm.speculative.target import Target
+    from leanlm.speculative.target import make_target
 
-    tgt = target if isinstance(target, Target) else Target(target)
+    tgt = make_target(target)
     total = 1 + top_k + (depth - 1) * top_k * top_k
     strategy = Eagle2(total_tokens=total, depth=depth, top_k=top_k)
 
@@ -271,18 +286,21 @@ class _RecordingStrategy(TreeStrategy):
     def __init__(self, inner: Eagle2, rows: dict[str, list], stats: CollectStats):
         self.inner, self.rows, self.stats = inner, rows, stats
 
+    def node_bound(self) -> int:
+        return self.inner.node_bound()
+
     def grow(self, drafter, root_token: int) -> TokenTree:
         tree = self.inner.grow(drafter, root_token)
-        pool = tree.extras["pool"]  # tree node -> drafter node id
+        pool = tree.extras["pool"].tolist()  # tree node -> drafter node id (data collection, not the hot path)
         ent = drafter.entropy
-        depths = tree.depths()
+        depths, parents, logp = tree.depths().tolist(), tree.parents.tolist(), tree.logp.tolist()
         for i in range(1, len(tree)):
-            self.rows["joint_logp"].append(tree.logp[i])
-            self.rows["entropy"].append(ent[pool[tree.parents[i]]])
+            self.rows["joint_logp"].append(logp[i])
+            self.rows["entropy"].append(ent[pool[parents[i]]])
             self.rows["depth"].append(depths[i] - 1)
             self.rows["tree"].append(self.stats.trees)
             self.rows["node"].append(i)
-            self.rows["parent"].append(tree.parents[i])
+            self.rows["parent"].append(parents[i])
         self.stats.trees += 1
         self.stats.nodes += len(tree) - 1
         return tree

@@ -12,38 +12,39 @@ import time
 
 import torch
 
-from leanlm.speculative.target import Target
+from leanlm.speculative.target import bucket_for, make_target
 from leanlm.speculative.tree import TokenTree
-from leanlm.speculative.verify import tree_inputs
 
 
 @torch.no_grad()
 def verify_seconds(target, sizes: list[int], context: int = 256, repeats: int = 5,
                    seed: int = 0) -> dict[int, float]:
-    """Median seconds of one target forward over a tree of n tokens (a root with a top-1 spine of depth n/4 and
-    the rest as siblings, through the tree-mask path) after `context` cached tokens, for each n in `sizes`."""
-    tgt = target if isinstance(target, Target) else Target(target)
+    """Median seconds of one target step over a tree of n tokens (a root with a top-1 spine of depth n/4 and the
+    rest as siblings, through the tree-mask path) after `context` cached tokens, for each n in `sizes`. `target` may
+    be a compiled `Target` (`make_target(model, compile=True)`): the warm-up run compiles each size's graph."""
+    tgt = make_target(target)
     g = torch.Generator().manual_seed(seed)
     vocab = tgt.config.vocab_size
-    tgt.reset()
-    tgt.forward(torch.randint(0, vocab, (1, context), generator=g).to(tgt.device))
+    tgt.start(1, -(-(context + max(bucket_for(n) or n for n in sizes) + 1) // 256) * 256)
+    lengths = torch.tensor([context], device=tgt.device)
+    tgt.prefill(torch.randint(0, vocab, (1, context), generator=g).to(tgt.device), lengths)
     sync = torch.cuda.synchronize if tgt.device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
     out = {}
     for n in sizes:
         spine = max(1, n // 4)
         parents = [-1] + [i - 1 for i in range(1, spine)] + [0] * (n - spine)
-        tree = TokenTree(torch.randint(0, vocab, (n,), generator=g).tolist(), parents, [0.0] * n)
+        tree = TokenTree(torch.randint(0, vocab, (n,), generator=g), parents, [0.0] * n)
+        ids = tree.tokens.to(tgt.device)[None]
+        pos = (tree.depths().to(tgt.device) + context)[None]
+        anc = tree.ancestor_mask(tgt.device)[None]
         times = []
-        for _ in range(repeats + 1):  # the first run warms up
-            ids, pos, mask = tree_inputs(tree, context, tgt.device)
+        for _ in range(repeats + 1):  # the first run warms up (and compiles)
             sync()
             t = time.perf_counter()
-            tgt.forward(ids, pos, mask)
+            tgt.step(ids, pos, anc, lengths, context)
             sync()
             times.append(time.perf_counter() - t)
-            tgt.crop(context)
         out[n] = statistics.median(times[1:])
-    tgt.reset()
     return out
 
 
@@ -54,18 +55,19 @@ def draft_layer_seconds(head, target, width: int = 10, context: int = 256, repea
     the vocabulary + top-k), after a `context`-token prefix."""
     from leanlm.speculative.draft import DraftSession
 
-    tgt = target if isinstance(target, Target) else Target(target)
+    tgt = make_target(target)
     g = torch.Generator().manual_seed(seed)
     vocab, hidden = tgt.config.vocab_size, tgt.config.hidden_size
     session = DraftSession(head, tgt.embed_tokens, tgt.lm_head)
-    session.prefill(torch.randn(context, hidden, generator=g), torch.randint(0, vocab, (context,), generator=g).tolist())
+    session.prefill(torch.randn(context, hidden, generator=g), torch.randint(0, vocab, (context,), generator=g))
     sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats + 1):
-        tokens = torch.randint(0, vocab, (width,), generator=g).tolist()
+        tokens = torch.randint(0, vocab, (width,), generator=g).to(session.device)
+        nodes = torch.arange(1, width + 1, device=session.device)
         sync()
         t = time.perf_counter()
-        session.expand(list(range(1, width + 1)), tokens, [0] * width).topk(width, dim=-1)
+        session.expand(nodes, tokens, torch.zeros_like(nodes)).topk(width, dim=-1)
         sync()
         times.append(time.perf_counter() - t)
         session.end_tree()

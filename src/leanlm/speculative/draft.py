@@ -15,6 +15,7 @@ Saved as a folder: `draft_config.json` (the head's LeanLMConfig fields plus what
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -113,7 +114,9 @@ class DraftSession:
 
     `prefill` adds (feature, token) pairs of accepted positions to the head's cache; `root()` is then the
     distribution after the last one. Tree nodes added with `expand` go into the cache after the prefix, each seeing
-    the prefix, its ancestors and itself; `end_tree()` drops them again.
+    the prefix, its ancestors and itself; `end_tree()` drops them again. Per node the session keeps, in tensors
+    indexed by node id, the predicted feature, the position and the cache slots of its ancestors, so `expand` is a
+    few gathers and one head forward, with no loop over nodes.
     """
 
     def __init__(self, head: EagleDraftHead, embed: nn.Module, lm_head: nn.Module):
@@ -123,53 +126,74 @@ class DraftSession:
         self.cache = LeanCache(1)
         self.prefix = 0  # cached pairs (positions 1 .. prefix)
         self._root_logp: torch.Tensor | None = None
-        self._root_feature: torch.Tensor | None = None
+        self.forward_seconds = 0.0  # time in head + LM-head forwards, for the engine's overhead accounting
+        self._slots = 0  # tree slots used after the prefix
+        c = head.config.hidden_size
+        self._feat = torch.zeros(64, c, device=self.device, dtype=self.dtype)  # [nodes, C] predicted features
+        self._pos = torch.zeros(64, dtype=torch.long, device=self.device)  # [nodes] positions
+        self._anc = torch.zeros(64, 64, dtype=torch.bool, device=self.device)  # [nodes, slots] ancestors' slots
 
     def _logp(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.lm_head(feats.to(self.lm_head.weight.dtype)).float(), dim=-1)
 
+    def _room(self, nodes: int, slots: int) -> None:
+        """Grow the node tables (capacity doubling) to hold `nodes` node ids and `slots` tree slots."""
+        cap_n, cap_s = self._feat.shape[0], self._anc.shape[1]
+        if nodes > cap_n:
+            n = max(nodes, 2 * cap_n)
+            self._feat = torch.cat([self._feat, self._feat.new_zeros(n - cap_n, self._feat.shape[1])])
+            self._pos = torch.cat([self._pos, self._pos.new_zeros(n - cap_n)])
+            self._anc = torch.cat([self._anc, self._anc.new_zeros(n - cap_n, self._anc.shape[1])])
+        if slots > cap_s:
+            s = max(slots, 2 * cap_s)
+            self._anc = torch.cat([self._anc, self._anc.new_zeros(self._anc.shape[0], s - cap_s)], dim=1)
+
     @torch.no_grad()
-    def prefill(self, features: torch.Tensor, tokens: list[int]) -> None:
-        """features [n, C]: target features of positions prefix .. prefix+n-1; tokens: the n tokens after each."""
+    def prefill(self, features: torch.Tensor, tokens) -> None:
+        """features [n, C]: target features of positions prefix .. prefix+n-1; tokens [n] (tensor or list): the
+        token after each."""
         self.end_tree()
-        n = len(tokens)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        n = tokens.shape[0]
         pos = torch.arange(self.prefix + 1, self.prefix + n + 1, device=self.device)[None]
-        emb = self.embed(torch.tensor([tokens], device=self.device)).to(self.dtype)
+        t0 = time.perf_counter()
+        emb = self.embed(tokens[None]).to(self.dtype)
         out = self.head(features[None].to(self.device, self.dtype), emb, pos, self.cache)  # [1, n, C]
         self.prefix += n
-        self._root_feature = out[0, -1]
         self._root_logp = self._logp(out[0, -1])
-        self._nodes: dict[int, tuple[torch.Tensor, int, list[int]]] = {0: (self._root_feature, self.prefix, [])}
+        self.forward_seconds += time.perf_counter() - t0
+        self._feat[0] = out[0, -1]
+        self._pos[0] = self.prefix
+        self._anc[0] = False
 
     def root(self) -> torch.Tensor:
         return self._root_logp
 
     @torch.no_grad()
-    def expand(self, nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
-        n = len(nodes)
-        base = self.cache.get_seq_length()
-        feats = torch.stack([self._nodes[p][0] for p in parents])[None]  # [1, n, C]
-        pos = torch.tensor([[self._nodes[p][1] + 1 for p in parents]], device=self.device)
-        emb = self.embed(torch.tensor([tokens], device=self.device)).to(self.dtype)
-        mask = torch.zeros(n, base + n, dtype=torch.bool, device=self.device)
-        mask[:, : self.prefix] = True
-        slots = []
-        for r, p in enumerate(parents):
-            own = self._nodes[p][2] + [base + r]
-            mask[r, own] = True
-            slots.append(own)
-        out = self.head(feats, emb, pos, self.cache, mask[None, None])[0]  # [n, C]
-        for r, node in enumerate(nodes):
-            self._nodes[node] = (out[r], int(pos[0, r]), slots[r])
-        return self._logp(out)
+    def expand(self, nodes: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        nodes, tokens, parents = (torch.as_tensor(x, dtype=torch.long, device=self.device)
+                                  for x in (nodes, tokens, parents))
+        n, s = nodes.shape[0], self._slots
+        self._room(int(nodes.max()) + 1, s + n)
+        feats = self._feat[parents][None]  # [1, n, C] the parents' predicted features
+        pos = self._pos[parents] + 1  # [n]
+        own = self._anc[parents, : s + n]  # [n, s + n] the parents' ancestors' slots (a copy: advanced indexing)
+        own[torch.arange(n, device=self.device), s + torch.arange(n, device=self.device)] = True
+        mask = torch.cat([torch.ones(n, self.prefix, dtype=torch.bool, device=self.device), own], dim=1)
+        t0 = time.perf_counter()
+        emb = self.embed(tokens[None]).to(self.dtype)
+        out = self.head(feats, emb, pos[None], self.cache, mask[None, None])[0]  # [n, C]
+        logp = self._logp(out)
+        self.forward_seconds += time.perf_counter() - t0
+        self._feat[nodes] = out
+        self._pos[nodes] = pos
+        self._anc[nodes, : s + n] = own
+        self._slots += n
+        return logp
 
     def end_tree(self) -> None:
         self.cache.crop(self.prefix)
-
-    def rollback(self, length: int) -> None:
-        """Forget cached pairs beyond position `length`."""
-        self.cache.crop(length)
-        self.prefix = min(self.prefix, length)
+        self._slots = 0
 
 
 class ModelDrafter:
@@ -194,16 +218,17 @@ class ModelDrafter:
             logits = logits + self.noise * torch.randn(logits.shape, generator=self.gen).to(logits.device)
         return torch.log_softmax(logits, -1)
 
-    def prefill(self, features, tokens: list[int]) -> None:
+    def prefill(self, features, tokens) -> None:
         if not self.seq:
             self.seq = [self.first]
-        self.seq += tokens
+        self.seq += torch.as_tensor(tokens).tolist()
         self.paths = {0: []}
 
     def root(self) -> torch.Tensor:
         return self._logp([self.seq])[0]
 
-    def expand(self, nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+    def expand(self, nodes, tokens, parents) -> torch.Tensor:
+        nodes, tokens, parents = (torch.as_tensor(x).tolist() for x in (nodes, tokens, parents))  # a check, not fast
         for n, t, p in zip(nodes, tokens, parents):
             self.paths[n] = self.paths[p] + [t]
         seqs = [self.seq + self.paths[n] for n in nodes]

@@ -1,17 +1,19 @@
-"""The speculative decoding loop: draft a tree, verify it with one target forward, keep the accepted path.
+"""The decoding loop: plain decoding and speculative decoding of one prompt or a batch, in one engine.
 
-    target prefill over the prompt -> first token (the root of the first tree)
-    repeat: strategy.grow(drafter) -> tree            (draft time)
-            target forward over the tree (tree mask)   (verify time)
-            accept a path (greedy or rejection sampling) + one bonus token from the target
-            target cache keeps the accepted path; the draft re-reads the accepted positions with target features
+    target.prefill over the right-padded prompts -> first token per row (the root of its first tree)
+    repeat: strategy.grow(drafter) -> tree per row          (draft time)
+            ONE target step over [B, N] (trees padded to one width, each row sees its own slots and its tree)
+            accept a path per row (vectorised greedy, or rejection sampling) + one bonus token from the target
+            target.move: each row's accepted path into place just after its length (in the same buffer)
+            the drafter re-reads the accepted positions with the target's features
 
-Greedy output is token-for-token what plain greedy decoding gives, and sampled output is distributed as plain
-sampling (tests check both). `plain_generate` is the baseline with the same sampling code path.
+Plain decoding is the same loop without a drafter (one token per row per step); single-sequence decoding is the
+batch of one. Greedy output is token-for-token what plain greedy decoding gives, and sampled output is distributed
+as plain sampling (tests check both); batched greedy rows equal single decoding up to floating-point differences of
+a batched forward (tests check identity in float32 on small models).
 
-Batch size: one sequence per call. Several prompts are served by calling `generate` per prompt; one tree forward
-per sequence is what makes the accepted-path cache compaction exact without padding bookkeeping (EAGLE's reference
-code has the same limit). Batched trees need per-row cache lengths (a paged or ragged cache); not built yet.
+Rows that finish stay in the batch until all have (their step is a one-node dummy, its result ignored): the batch
+shape stays fixed, which is what a compiled target wants; the waste is the finished rows' share of a step.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from typing import Callable
 
 import torch
 
-from leanlm.speculative.target import Target
+from leanlm.speculative.target import Target, bucket_for, make_target
 from leanlm.speculative.tree import TokenTree, TreeStrategy
-from leanlm.speculative.verify import greedy_accept, process_logits, sample_accept, tree_inputs
+from leanlm.speculative.verify import greedy_nodes, process_logits, sample_accept
 
 
 @dataclass
@@ -36,6 +38,9 @@ class SpecStats:
     verify_seconds: float = 0.0
     prefill_seconds: float = 0.0
     new_tokens: int = 0
+    target_seconds: float = 0.0  # inside the target's forward (part of verify)
+    draft_forward_seconds: float = 0.0  # inside the draft head's forwards (part of draft and verify)
+    compile_seconds: float = 0.0  # steps that compiled a new graph (part of verify)
     trees: list[TokenTree] = field(default_factory=list, repr=False)
     accepted_paths: list[list[int]] = field(default_factory=list, repr=False)
 
@@ -46,10 +51,13 @@ class SpecStats:
 
     def as_dict(self) -> dict:
         s = max(1, self.steps)
+        decode = self.draft_seconds + self.verify_seconds
         return {"steps": self.steps, "tau": self.tau, "tau_plus_bonus": self.tau + 1,
                 "candidates_per_step": self.candidates / s, "draft_ms_per_step": 1000 * self.draft_seconds / s,
                 "verify_ms_per_step": 1000 * self.verify_seconds / s, "new_tokens": self.new_tokens,
-                "decode_seconds": self.draft_seconds + self.verify_seconds}
+                "decode_seconds": decode, "compile_seconds": self.compile_seconds,
+                "overhead_fraction": max(0.0, decode - self.compile_seconds - self.target_seconds
+                                         - self.draft_forward_seconds) / max(1e-9, decode - self.compile_seconds)}
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -60,17 +68,34 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class SpeculativeDecoder:
-    """Speculative decoding of one target with a draft head (`leanlm.speculative.draft`) and a tree strategy."""
+def _eos_set(eos_token_id) -> set[int]:
+    return set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
 
-    def __init__(self, target, head, strategy: TreeStrategy, keep_trees: bool = False,
-                 drafter_factory: Callable[[], object] | None = None):
-        """`head`: an `EagleDraftHead` for this target. `drafter_factory` replaces it with any object offering
-        prefill(features, tokens) / root() / expand(...) / end_tree() (tests use the target itself as a drafter)."""
+
+def cache_capacity(prompt: int, max_new_tokens: int, tree: int) -> int:
+    """Cache slots for a generation: prompt + new tokens + the widest step (bucketed), rounded up to 256 so that
+    prompts of similar length share one compiled graph shape."""
+    need = prompt + max_new_tokens + (bucket_for(tree) or tree) + 1
+    return -(-need // 256) * 256
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of a target with a draft head (`leanlm.speculative.draft`) and a tree strategy; with
+    `strategy=None`, plain decoding through the same backend.
+
+    target: a model or a `Target`; compile: "auto" / "on" / "off" (or a bool), see `leanlm.speculative.target`;
+    capacity: cache slots (default: enough for the call, rounded up to 256; give one value for a series of calls
+    to keep one compiled graph per step width). `drafter_factory` replaces the head with any object offering
+    prefill(features, tokens) / root() / expand(nodes, tokens, parents) / end_tree() (tests use the target itself
+    as a drafter)."""
+
+    def __init__(self, target, head, strategy: TreeStrategy | None, keep_trees: bool = False,
+                 drafter_factory: Callable[[], object] | None = None, compile: bool | str = False,
+                 capacity: int | None = None):
         from leanlm.speculative.draft import DraftSession
 
-        self.target = target if isinstance(target, Target) else Target(target)
-        self.head, self.strategy, self.keep_trees = head, strategy, keep_trees
+        self.target: Target = make_target(target, compile)
+        self.head, self.strategy, self.keep_trees, self.capacity = head, strategy, keep_trees, capacity
         self._session = drafter_factory or (lambda: DraftSession(head, self.target.embed_tokens,
                                                                  self.target.lm_head))
 
@@ -78,88 +103,187 @@ class SpeculativeDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int = 0,
                  on_tokens: Callable[[list[int]], None] | None = None) -> tuple[list[int], SpecStats]:
-        """New tokens for the prompt `input_ids` [1, T], and statistics."""
+        """New tokens for the prompt `input_ids` [1, T], and statistics (the batch of one)."""
         if input_ids.shape[0] != 1:
-            raise ValueError("SpeculativeDecoder.generate takes one sequence; call it per prompt")
-        gen = torch.Generator().manual_seed(seed)
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        stats = SpecStats()
-        tgt = self.target
-        tgt.reset()
+            raise ValueError("SpeculativeDecoder.generate takes one sequence; use generate_batch for several")
+        outs, stats, _ = self.generate_batch([input_ids[0].tolist()], max_new_tokens, temperature, top_k, top_p,
+                                             eos_token_id, seed, on_tokens)
+        return outs[0], stats[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                       seed: int = 0, on_tokens: Callable[[list[int]], None] | None = None
+                       ) -> tuple[list[list[int]], list[SpecStats], dict]:
+        """New tokens per prompt, per-row statistics, and batch totals (target forwards, seconds). Row r samples
+        with its own generator seeded `seed + r`. `on_tokens` (batch of one only) receives each step's tokens."""
+        tgt, strategy = self.target, self.strategy
+        dev = tgt.device
+        b = len(prompts)
+        if b > 1 and not tgt.supports_batch:
+            raise ValueError("this target decodes one sequence at a time (leanlm NSA/ASA layers)")
+        eos = _eos_set(eos_token_id)
+        gens = [torch.Generator().manual_seed(seed + r) for r in range(b)]
+        lens = [len(p) for p in prompts]
+        width = max(lens)
+        bound = (strategy.node_bound() or 256) if strategy is not None else 1
+        capacity = self.capacity or cache_capacity(width, max_new_tokens, bound)
+        if width + max_new_tokens + (bucket_for(bound) or bound) + 1 > capacity:
+            raise ValueError(f"capacity {capacity} is too small for a {width}-token prompt, {max_new_tokens} new "
+                             f"tokens and {bound}-node steps")
+        tgt.start(b, capacity)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p)
+        lengths = torch.tensor(lens, device=dev)
+        stats = [SpecStats() for _ in range(b)]
+        compile0 = tgt.compile_stats.total_seconds()
         t0 = time.perf_counter()
-        logits, feats = tgt.forward(input_ids.to(tgt.device))
-        prompt = input_ids[0].tolist()
-        root = _pick(logits[-1], temperature, top_k, top_p, gen)
-        drafter = self._session()
-        drafter.prefill(feats, prompt[1:] + [root])
-        stats.prefill_seconds = time.perf_counter() - t0
-        out = [root]
+        logits, feats = tgt.prefill(ids.to(dev), lengths)
+        roots = [_pick(logits[r], temperature, top_k, top_p, gens[r]) for r in range(b)]
+        drafters = []
+        if strategy is not None:
+            for r, p in enumerate(prompts):
+                d = self._session()
+                d.prefill(feats[r, : len(p)], list(p[1:]) + [roots[r]])
+                drafters.append(d)
+        outs = [[root] for root in roots]
         if on_tokens:
-            on_tokens([root])
-        while len(out) < max_new_tokens and root not in eos:
+            on_tokens([roots[0]])
+        active = [r for r in range(b) if roots[r] not in eos and max_new_tokens > 1]
+        prefill_seconds = time.perf_counter() - t0
+        for st in stats:
+            st.prefill_seconds = prefill_seconds
+        totals = {"forwards": 1, "prefill_seconds": prefill_seconds, "draft_seconds": 0.0, "verify_seconds": 0.0}
+        while active:
             t1 = time.perf_counter()
-            tree = self.strategy.grow(drafter, root)
-            drafter.end_tree()
+            trees: list[TokenTree | None] = [None] * b
+            if strategy is not None:
+                for r in active:
+                    t = time.perf_counter()
+                    f0 = getattr(drafters[r], "forward_seconds", 0.0)
+                    trees[r] = strategy.grow(drafters[r], roots[r])
+                    drafters[r].end_tree()
+                    stats[r].draft_seconds += time.perf_counter() - t
+                    stats[r].draft_forward_seconds += getattr(drafters[r], "forward_seconds", 0.0) - f0
             t2 = time.perf_counter()
-            past = tgt.length()
-            chain = all(p == i - 1 for i, p in enumerate(tree.parents))
-            if chain:  # a causal block: no tree mask, so every attention kind (sliding-window, sparse) can verify it
-                logits, feats = tgt.forward(torch.tensor([tree.tokens], device=tgt.device))
-            else:
-                ids, pos, mask = tree_inputs(tree, past, tgt.device)
-                logits, feats = tgt.forward(ids, pos, mask)
-            if temperature <= 0:
-                path, bonus = greedy_accept(tree, logits)
-            else:
-                path, bonus = sample_accept(tree, logits, temperature, top_k, top_p, gen)
-            if chain:
-                tgt.crop(past + len(path))
-            else:
-                tgt.keep(past, path)
-            new = [tree.tokens[i] for i in path[1:]] + [bonus]
-            drafter.prefill(feats[path], new)
+            n = max((len(t) for t in trees if t is not None), default=1)
+            start = int(max(lens[r] for r in range(b)))
+            step_ids = torch.zeros(b, n, dtype=torch.long, device=dev)
+            step_pos = torch.zeros(b, n, dtype=torch.long, device=dev)
+            parents = torch.full((b, n), -1, dtype=torch.long, device=dev)
+            depths = torch.zeros(b, n, dtype=torch.long, device=dev)
+            anc = torch.eye(n, dtype=torch.bool, device=dev)[None].repeat(b, 1, 1)
+            chain = True
+            for r in range(b):
+                tree = trees[r]
+                step_pos[r] = lens[r]
+                if tree is None:
+                    step_ids[r, 0] = roots[r]
+                    parents[r, 0] = -1
+                    continue
+                k = len(tree)
+                chain = chain and tree.is_chain() and k == n
+                step_ids[r, :k] = tree.tokens.to(dev)
+                parents[r, :k] = tree.parents.to(dev)
+                depths[r, :k] = tree.depths().to(dev)
+                step_pos[r, :k] = depths[r, :k] + lens[r]
+                anc[r, :k, :k] = tree.ancestor_mask(dev)
+            causal = chain and b == 1  # a causal block needs no tree mask: every attention kind can verify it
+            f0 = tgt.forward_seconds
+            c0 = tgt.compile_stats.total_seconds()
+            logits, feats = tgt.step(step_ids, step_pos, None if causal else anc, lengths, start)
+            target_seconds = tgt.forward_seconds - f0
+            compile_seconds = tgt.compile_stats.total_seconds() - c0
+            paths, bonus = self._accept(trees, step_ids, parents, anc, depths, logits, active, temperature, top_k,
+                                        top_p, gens)
+            if any(lens[r] != start or paths[r] != list(range(len(paths[r]))) for r in active):
+                span = max(len(paths[r]) for r in active)  # each row's path to just after its own length
+                index = [[start + j for j in paths[r]] + [lens[r] + k for k in range(len(paths[r]), span)]
+                         if r in paths else [lens[r] + k for k in range(span)] for r in range(b)]
+                tgt.move(torch.tensor(lens, device=dev), torch.tensor(index, device=dev))
+            still = []
+            for r in active:
+                path = paths[r]
+                tree = trees[r]
+                new = ([int(t) for t in tree.tokens[path[1:]].tolist()] if tree is not None and len(path) > 1
+                       else []) + [bonus[r]]
+                if strategy is not None:
+                    f1 = getattr(drafters[r], "forward_seconds", 0.0)
+                    drafters[r].prefill(feats[r, path], new)
+                    stats[r].draft_forward_seconds += getattr(drafters[r], "forward_seconds", 0.0) - f1
+                lens[r] += len(path)
+                st = stats[r]
+                st.steps += 1
+                st.accepted += len(path) - 1
+                st.candidates += len(tree) if tree is not None else 1
+                st.target_seconds += target_seconds / len(active)
+                st.compile_seconds += compile_seconds / len(active)
+                if self.keep_trees and tree is not None:
+                    st.trees.append(tree)
+                    st.accepted_paths.append(path)
+                for j, tok in enumerate(new):
+                    if tok in eos:
+                        new = new[: j + 1]
+                        break
+                new = new[: max_new_tokens - len(outs[r])]
+                outs[r] += new
+                roots[r] = new[-1]
+                if on_tokens:
+                    on_tokens(new)
+                if roots[r] not in eos and len(outs[r]) < max_new_tokens:
+                    still.append(r)
+            lengths = torch.tensor(lens, device=dev)
             t3 = time.perf_counter()
-            stats.steps += 1
-            stats.accepted += len(path) - 1
-            stats.candidates += len(tree)
-            stats.draft_seconds += t2 - t1
-            stats.verify_seconds += t3 - t2
-            if self.keep_trees:
-                stats.trees.append(tree)
-                stats.accepted_paths.append(path)
-            for i, tok in enumerate(new):
-                if tok in eos:
-                    new = new[: i + 1]
-                    break
-            new = new[: max_new_tokens - len(out)]
-            out += new
-            root = new[-1]
-            if on_tokens:
-                on_tokens(new)
-        stats.new_tokens = len(out)
-        return out, stats
+            totals["forwards"] += 1
+            totals["draft_seconds"] += t2 - t1
+            totals["verify_seconds"] += t3 - t2
+            for r in active:
+                stats[r].verify_seconds += (t3 - t2) / len(active)
+            active = still
+        for r in range(b):
+            stats[r].new_tokens = len(outs[r])
+        totals["compile_seconds"] = tgt.compile_stats.total_seconds() - compile0
+        return outs, stats, totals
+
+    @staticmethod
+    def _accept(trees, ids, parents, anc, depths, logits, active, temperature, top_k, top_p, gens
+                ) -> tuple[dict[int, list[int]], dict[int, int]]:
+        """Accepted path (node indices from the root) and bonus token per active row."""
+        if temperature <= 0:
+            best = logits.argmax(-1)  # [B, N]
+            node = greedy_nodes(ids, parents, anc, depths, best)  # [B]
+            rows = torch.arange(ids.shape[0], device=ids.device)
+            on_path = anc[rows, node].cpu()  # [B, N]: one small host copy per step
+            bonus = best[rows, node].tolist()
+            return ({r: on_path[r].nonzero().flatten().tolist() for r in active}, {r: bonus[r] for r in active})
+        paths, bonus = {}, {}
+        for r in active:
+            tree = trees[r] or TokenTree(ids[r, :1], torch.tensor([-1]), torch.zeros(1))
+            paths[r], bonus[r] = sample_accept(tree, logits[r, : len(tree)], temperature, top_k, top_p, gens[r])
+        return paths, bonus
+
+
+class BatchedSpeculativeDecoder(SpeculativeDecoder):
+    """`SpeculativeDecoder` for several prompts: `generate(prompts)` is `generate_batch` (the same engine)."""
+
+    def __init__(self, model, head, strategy: TreeStrategy | None, drafter_factory: Callable[[], object] | None = None,
+                 compile: bool | str = False, capacity: int | None = None):
+        super().__init__(model, head, strategy, drafter_factory=drafter_factory, compile=compile, capacity=capacity)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 seed: int = 0) -> tuple[list[list[int]], list[SpecStats], dict]:
+        return self.generate_batch(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed)
 
 
 @torch.no_grad()
 def plain_generate(target, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                    top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int = 0,
-                   on_tokens: Callable[[list[int]], None] | None = None) -> tuple[list[int], float]:
-    """Token-by-token decoding with the same sampling code; returns new tokens and decode seconds (after the
-    prompt)."""
-    tgt = target if isinstance(target, Target) else Target(target)
-    gen = torch.Generator().manual_seed(seed)
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    tgt.reset()
-    logits, _ = tgt.forward(input_ids.to(tgt.device))
-    tok = _pick(logits[-1], temperature, top_k, top_p, gen)
-    out = [tok]
-    if on_tokens:
-        on_tokens([tok])
-    t = time.perf_counter()
-    while len(out) < max_new_tokens and tok not in eos:
-        logits, _ = tgt.forward(torch.tensor([[tok]], device=tgt.device))
-        tok = _pick(logits[-1], temperature, top_k, top_p, gen)
-        out.append(tok)
-        if on_tokens:
-            on_tokens([tok])
-    return out, time.perf_counter() - t
+                   on_tokens: Callable[[list[int]], None] | None = None, compile: bool | str = False,
+                   capacity: int | None = None) -> tuple[list[int], float]:
+    """Token-by-token decoding through the same backend and sampling code; returns new tokens and decode seconds
+    (after the prompt). Pass a `Target` (`make_target`) to reuse its cache and compiled graphs across calls."""
+    dec = SpeculativeDecoder(target, None, None, compile=compile, capacity=capacity)
+    out, st = dec.generate(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, on_tokens)
+    return out, st.draft_seconds + st.verify_seconds

@@ -18,11 +18,11 @@ rows, each with its own tree). `attention_mask` (left padding) is honoured by dr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
-from leanlm.speculative.batch import BatchedSpeculativeDecoder
 from leanlm.speculative.draft import EagleDraftHead
 from leanlm.speculative.engine import SpeculativeDecoder
 from leanlm.speculative.tree import TreeStrategy, make_strategy
@@ -46,10 +46,11 @@ def generate(model, input_ids: torch.Tensor, draft: EagleDraftHead | str | Path,
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              attention_mask: torch.Tensor | None = None, streamer=None, seed: int = 0, classifier=None,
-             beta: float | None = None, **strategy_kwargs) -> torch.LongTensor:
+             beta: float | None = None, compile: bool | str = False, **strategy_kwargs) -> torch.LongTensor:
     """Speculative decoding of `input_ids` [B, T] with draft head `draft` and tree `strategy` (`chain`, `static`,
     `eagle2`, `c2t` or a `TreeStrategy`; extra keywords go to the strategy, e.g. `total_tokens=30`). Arguments
     named as in `model.generate` mean what they mean there; `eos_token_id` defaults to the model's generation config.
+    `compile` ("auto" / "on" / "off") compiles the target's steps (see `leanlm.speculative.target`).
     Returns [B, T + new] token ids."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
@@ -70,24 +71,52 @@ def generate(model, input_ids: torch.Tensor, draft: EagleDraftHead | str | Path,
             pad_token_id = first if isinstance(first, int) else 0
     sampling = {"temperature": temperature if do_sample else 0.0, "top_k": top_k if do_sample else 0,
                 "top_p": top_p if do_sample else 1.0}
+    decoder = SpeculativeDecoder(model, head, tree, compile=compile)
     rows = [row[mask.bool()] if attention_mask is not None else row
             for row, mask in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
     if len(rows) == 1:
         if streamer is not None:
             streamer.put(rows[0].cpu())
         put = (lambda new: streamer.put(torch.tensor(new))) if streamer is not None else None
-        new, _ = SpeculativeDecoder(model, head, tree).generate(rows[0][None], max_new_tokens, eos_token_id=eos_token_id,
-                                                                seed=seed, on_tokens=put, **sampling)
+        new, _ = decoder.generate(rows[0][None], max_new_tokens, eos_token_id=eos_token_id, seed=seed, on_tokens=put,
+                                  **sampling)
         if streamer is not None:
             streamer.end()
         outs = [new]
     else:
         if streamer is not None:
             raise ValueError("streamers support batch size 1 only (as in transformers' generate)")
-        outs, _, _ = BatchedSpeculativeDecoder(model, head, tree).generate(
-            [r.tolist() for r in rows], max_new_tokens, eos_token_id=eos_token_id, seed=seed, **sampling)
+        outs, _, _ = decoder.generate_batch([r.tolist() for r in rows], max_new_tokens, eos_token_id=eos_token_id,
+                                            seed=seed, **sampling)
     width = max(len(o) for o in outs)
     tail = torch.full((len(outs), width), pad_token_id, dtype=torch.long)
     for i, o in enumerate(outs):
         tail[i, : len(o)] = torch.tensor(o, dtype=torch.long)
     return torch.cat([input_ids.cpu(), tail], dim=1).to(input_ids.device)
+
+
+@torch.no_grad()
+def decode_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, head: EagleDraftHead | None = None,
+                strategy: TreeStrategy | None = None, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                compile: bool | str = False, on_text=None):
+    """Plain (`strategy=None`) or speculative decoding of one prompt through leanlm's backend, with the text
+    streamed to `on_text(piece)` as tokens arrive (special tokens skipped). Returns (answer text, `SpecStats`)."""
+    done: list[int] = []
+    printed = 0
+
+    def stream(new: list[int]) -> None:
+        nonlocal printed
+        done.extend(new)
+        text = tokenizer.decode(done, skip_special_tokens=True)
+        if on_text is not None and len(text) > printed:
+            on_text(text[printed:])
+        printed = len(text)
+
+    if head is not None:
+        head = head.to(next(model.parameters()).device)
+    decoder = SpeculativeDecoder(model, head, strategy, compile=compile)
+    if compile in ("on", True) and decoder.target.compile_stats.failed:
+        print(f"note: --compile on: {decoder.target.compile_stats.failed}", file=sys.stderr)
+    _, stats = decoder.generate(torch.tensor([prompt_ids]), max_new_tokens, temperature=temperature, top_k=top_k,
+                                seed=seed, eos_token_id=tokenizer.eos_token_id, on_tokens=stream)
+    return tokenizer.decode(done, skip_special_tokens=True), stats

@@ -1,7 +1,8 @@
 """Lossless verification of a token tree against the target's logits at every node.
 
 Greedy: from the root, follow the child whose token is the target's argmax at the current node, as long as one
-exists; the target's argmax after the last accepted node is the bonus token. The emitted tokens are exactly those
+exists; the target's argmax after the last accepted node is the bonus token. Computed for all nodes at once
+(`greedy_nodes`): a node is acceptable when every node on its path matches, and the deepest acceptable node wins. The emitted tokens are exactly those
 plain greedy decoding would produce.
 
 Sampling: recursive rejection sampling with deterministic (one-hot) proposals, as in EAGLE (and SpecInfer's
@@ -34,32 +35,45 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     return logits.softmax(-1)
 
 
+def greedy_nodes(tokens: torch.Tensor, parents: torch.Tensor, anc: torch.Tensor, depths: torch.Tensor,
+                 best: torch.Tensor) -> torch.Tensor:
+    """Vectorised greedy acceptance for a batch of (padded) trees: the deepest node whose every ancestor-or-self
+    carries the target's argmax at its parent (earliest node on ties). tokens, parents, depths [B, N]; anc [B, N, N]
+    (padding nodes: parent -1 and only themselves in anc, so they never match); best [B, N] the target's argmax per
+    node. Returns the accepted node per row [B]; its ancestors in `anc` are the accepted path."""
+    n = tokens.shape[1]
+    at_parent = best.gather(1, parents.clamp(min=0))  # [B, N] target's choice after each node's parent
+    match = tokens == at_parent
+    match[:, 0] = True  # the root is emitted already
+    match &= (parents >= 0) | (torch.arange(n, device=tokens.device) == 0)
+    ok = ~(anc & ~match[:, None, :]).any(-1)  # [B, N] the whole path to the node matches
+    key = torch.where(ok, depths * n + (n - 1 - torch.arange(n, device=tokens.device)), -1)
+    return key.argmax(-1)
+
+
 def greedy_accept(tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int]:
     """Accepted path (node indices, starting with the root) and the bonus token. logits [N, V]."""
-    best = logits.argmax(-1).tolist()
-    children = tree.children()
-    path = [0]
-    while True:
-        nxt = next((c for c in children[path[-1]] if tree.tokens[c] == best[path[-1]]), None)
-        if nxt is None:
-            return path, best[path[-1]]
-        path.append(nxt)
+    best = logits.argmax(-1).to(tree.device)[None]  # [1, N]
+    anc = tree.ancestor_mask()
+    node = greedy_nodes(tree.tokens[None], tree.parents[None], anc[None], tree.depths()[None], best)[0]
+    return anc[node].nonzero().flatten().tolist(), int(best[0, node])
 
 
 def sample_accept(tree: TokenTree, logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> tuple[list[int], int]:
-    """Accepted path and bonus token under sampling; see the module docstring."""
+    """Accepted path and bonus token under sampling; see the module docstring. The walk is sequential by nature
+    (one accept/reject draw per tried child), but visits only the nodes on the accepted path and their children."""
     # [N, V] on the CPU: the draws use a CPU generator, so sampled output does not depend on the device
     probs = process_logits(logits, temperature, top_k, top_p).cpu()
-    children = tree.children()
+    tokens, parents = tree.tokens.cpu(), tree.parents.cpu()
     path = [0]
     while True:
         node = path[-1]
         p = probs[node].clone()
         accepted = None
         tried: set[int] = set()
-        for c in children[node]:
-            x = tree.tokens[c]
+        for c in (parents == node).nonzero().flatten().tolist():
+            x = int(tokens[c])
             if x in tried:
                 continue
             tried.add(x)
@@ -74,13 +88,3 @@ def sample_accept(tree: TokenTree, logits: torch.Tensor, temperature: float, top
         if accepted is None:
             return path, int(torch.multinomial(p, 1, generator=generator))
         path.append(accepted)
-
-
-def tree_inputs(tree: TokenTree, past: int, device: torch.device | str):
-    """Target inputs for verifying `tree` after `past` cached tokens: input_ids [1, N], position_ids [1, N] and a
-    boolean attention mask [1, 1, N, past + N] (every cached token, plus the node's ancestors and itself)."""
-    n = len(tree)
-    ids = torch.tensor([tree.tokens], device=device)
-    pos = (torch.tensor(tree.depths(), device=device) + past)[None]
-    mask = torch.cat([torch.ones(n, past, dtype=torch.bool, device=device), tree.ancestor_mask(device)], dim=1)
-    return ids, pos, mask[None, None]
