@@ -269,7 +269,8 @@ def main() -> int:
             _, kind, mode = method.split("_")
             tgt = compiled if mode == "compiled" else eager
             strategy = None if kind == "plain" else strategies[kind]
-            dec = SpeculativeDecoder(tgt, head if strategy else None, strategy, capacity=capacity)
+            dec = SpeculativeDecoder(tgt, head if strategy else None, strategy,
+                                     capacity=capacity if mode == "compiled" else None)  # eager: sized per prompt
             c0 = tgt.compile_stats.total_seconds()
             t = time.perf_counter()
             new, st = dec.generate(x, n, eos_token_id=eos)

@@ -218,7 +218,8 @@ def test_compiled_plain_and_speculative_greedy_equal_recomputation(compiled_llam
         ref = naive(model, prompt, 24)
         out, _ = plain_generate(target, torch.tensor([prompt]), 24, capacity=256)
         assert out == ref
-        for strategy in (Chain(3), Eagle2(total_tokens=8, depth=3, top_k=3),
+        for strategy in (Chain(3), StaticTree(((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))),
+                         Eagle2(total_tokens=8, depth=3, top_k=3),
                          C2T(depth_classifier(2.5), beta=0.4, top_k=3, max_nodes=8)):
             out, st = SpeculativeDecoder(target, None, strategy, drafter_factory=noisy(model, prompt),
                                          capacity=256).generate(torch.tensor([prompt]), 24)
@@ -227,19 +228,42 @@ def test_compiled_plain_and_speculative_greedy_equal_recomputation(compiled_llam
     assert stats.failed is None and set(stats.seconds) <= {1, 2, 4, 8} and 1 in stats.seconds
 
 
-def test_compiled_sampling_keeps_the_distribution():
-    model, _ = tiny_hf_llama()  # its own model: freezing bakes the weights in at compile time
+SAMPLING_STRATEGIES = [Chain(2), StaticTree(((0,), (1,), (0, 0), (0, 1), (1, 0))),
+                       Eagle2(total_tokens=8, depth=3, top_k=2), C2T(depth_classifier(2.5), beta=0.4, top_k=2,
+                                                                     max_nodes=8)]
+
+
+@pytest.fixture(scope="module")
+def flat_llama():
+    """A tiny Llama with flat next-token distributions (so sampling visits several outcomes), and a compiled target
+    of it (its own model: freezing bakes the weights in at compile time)."""
+    model, _ = tiny_hf_llama()
     with torch.no_grad():
-        model.lm_head.weight.mul_(0.02)  # flat distributions, so that sampling visits several outcomes
-    target = make_target(model, compile=True)
-    prompt = [1, 2, 3]
+        model.lm_head.weight.mul_(0.02)
+    return model, make_target(model, compile=True)
+
+
+def _sampled(target, model, strategy, prompt, n):
+    dec = SpeculativeDecoder(target, None, strategy, drafter_factory=noisy(model, torch.tensor(prompt), 0.3),
+                             capacity=256)
     spec = Counter()
-    dec = SpeculativeDecoder(target, None, Eagle2(total_tokens=8, depth=3, top_k=2),
-                             drafter_factory=noisy(model, torch.tensor(prompt), 0.3), capacity=256)
-    for s in range(400):
+    for s in range(n):
         out, _ = dec.generate(torch.tensor([prompt]), 2, temperature=1.0, top_k=3, seed=s)
         spec[tuple(out)] += 1
-    assert_samples_like_plain(model, spec, prompt, n=400)
+    return spec
+
+
+@pytest.mark.parametrize("strategy", SAMPLING_STRATEGIES, ids=lambda s: s.name)
+def test_eager_sampling_keeps_the_distribution(strategy, flat_llama):
+    model, _ = flat_llama
+    assert_samples_like_plain(model, _sampled(make_target(model), model, strategy, [1, 2, 3], 300), [1, 2, 3],
+                              n=300)
+
+
+@pytest.mark.parametrize("strategy", SAMPLING_STRATEGIES, ids=lambda s: s.name)
+def test_compiled_sampling_keeps_the_distribution(strategy, flat_llama):
+    model, target = flat_llama
+    assert_samples_like_plain(model, _sampled(target, model, strategy, [1, 2, 3], 300), [1, 2, 3], n=300)
     assert target.compile_stats.seconds and target.compile_stats.failed is None
 
 
@@ -276,6 +300,13 @@ def test_compile_auto_is_off_on_cpu_and_for_leanlm():
     assert make_target(model, compile="on")._compiled is not None
     lean = make_target(tiny(), compile="on")
     assert lean.compile_stats.failed and "eager" in lean.compile_stats.failed
+
+
+def test_prompt_beyond_the_context_is_refused_before_work():
+    model = tiny("gqa")  # 512 positions
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        SpeculativeDecoder(model, None, Chain(3), drafter_factory=lambda: 1 / 0).generate(
+            torch.tensor([prompt_of(500, 0)]), 20)
 
 
 def test_capacity_too_small_is_refused_before_work():

@@ -118,8 +118,10 @@ def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
     print("answer (the same for all three): " + tokenizer.decode(answers["mtbench"][-1], skip_special_tokens=True)
           [:300].replace("\n", " ") + " ...")
     plain = next(r for r in rows if r["strategy"] == "none")
-    print(f"plain greedy: {plain['tokens_per_s']:.1f} tokens/s")
-    result = {"plain_tokens_per_s": plain["tokens_per_s"]}
+    hf = _hf_generate_tokens_per_s(model, tokenizer, prompts, max_new_tokens)
+    print(f"plain greedy (leanlm's decoding backend): {plain['tokens_per_s']:.1f} tokens/s; Hugging Face "
+          f"model.generate on the same prompts: {hf:.1f} tokens/s")
+    result = {"plain_tokens_per_s": plain["tokens_per_s"], "hf_generate_tokens_per_s": hf}
     for r in rows:
         if r["strategy"] == "none":
             continue
@@ -131,6 +133,30 @@ def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
                                  "identical": r["identical_outputs"]}
     print("(on this CPU a 60-token verification costs several single-token steps; see docs/results/speculative.md)")
     return result
+
+
+def _hf_generate_tokens_per_s(model, tokenizer, prompts: list[str], max_new_tokens: int) -> float:
+    """Greedy tokens/s of transformers' own `model.generate` (dynamic cache, eager), decode time after the first
+    token as in `run_bench`, so the two figures compare."""
+    import time
+
+    import torch
+
+    from leanlm.speculative.prompts import encode_chat
+
+    tokens, seconds = 0, 0.0
+    for prompt in prompts:
+        ids = torch.tensor([encode_chat(tokenizer, prompt)])
+        kw = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+        with torch.no_grad():
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, **kw)  # prefill + first token, subtracted below
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=max_new_tokens, **kw)
+            seconds += max(1e-9, time.perf_counter() - t - first)
+        tokens += out.shape[1] - ids.shape[1] - 1
+    return tokens / seconds
 
 
 def _kv_cache_step(model, tokenizer, text: str) -> dict:

@@ -126,6 +126,11 @@ class SpeculativeDecoder:
         gens = [torch.Generator().manual_seed(seed + r) for r in range(b)]
         lens = [len(p) for p in prompts]
         width = max(lens)
+        context = getattr(getattr(tgt.config, "get_text_config", lambda **_: tgt.config)(decoder=True),
+                          "max_position_embeddings", None)
+        if context and width + max_new_tokens > context:
+            raise ValueError(f"a {width}-token prompt plus max_new_tokens={max_new_tokens} exceeds the model's context "
+                             f"of {context} positions; shorten the prompt or lower max_new_tokens")
         bound = (strategy.node_bound() or 256) if strategy is not None else 1
         capacity = self.capacity or cache_capacity(width, max_new_tokens, bound)
         if width + max_new_tokens + (bucket_for(bound) or bound) + 1 > capacity:

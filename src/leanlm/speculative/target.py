@@ -36,6 +36,7 @@ Implementations:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -141,8 +142,9 @@ def _slot_layer_class():
             self.keys = torch.zeros(*shape, self.k_head_dim, dtype=self.dtype, device=self.device)
             self.values = torch.zeros(*shape, self.v_head_dim, dtype=self.dtype, device=self.device)
             self.cumulative_length = self.offset
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+            if self.device.type == "cuda":  # fixed addresses for CUDA graphs; on CPU a static tensor would be frozen
+                torch._dynamo.mark_static_address(self.keys)  # as a constant (inductor freezing), see slot_cache
+                torch._dynamo.mark_static_address(self.values)
             self.is_initialized = True
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -163,7 +165,12 @@ _SLOT_LAYER = None
 
 
 def slot_cache(config, capacity: int, device: torch.device) -> tuple[object, torch.Tensor]:
-    """A `transformers.Cache` of `SlotLayer`s (full layers for every layer type) and its shared write offset."""
+    """A `transformers.Cache` of `SlotLayer`s (full layers for every layer type) and its shared write offset.
+
+    The tensors get static addresses (`mark_static_address`) on CUDA only, where CUDA graphs need them. On CPU they
+    stay ordinary graph inputs: inductor's freezing folds static tensors in as constants, which for a cache means
+    the compiled step would read a snapshot and never see later writes (caught by the compiled-vs-recomputation
+    tests)."""
     global _SLOT_LAYER
     from transformers.cache_utils import Cache
 
@@ -171,7 +178,8 @@ def slot_cache(config, capacity: int, device: torch.device) -> tuple[object, tor
         _SLOT_LAYER = _slot_layer_class()
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     offset = torch.zeros((), dtype=torch.long, device=device)
-    torch._dynamo.mark_static_address(offset)
+    if torch.device(device).type == "cuda":
+        torch._dynamo.mark_static_address(offset)
     cache = Cache(layers=[_SLOT_LAYER(capacity, offset) for _ in range(text.num_hidden_layers)])
     return cache, offset
 
@@ -224,18 +232,32 @@ class HFTarget(Target):
         self.capacity = 0
         self.compile_stats.enabled = compile
         self._compiled = None
+        self._freezing = contextlib.nullcontext
         self._seen: set[tuple] = set()  # (batch, width) graphs compiled in this process
         if compile:
             inductor_cache_dir()
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(BUCKETS))
-            options = {"freezing": True} if self.device.type == "cpu" else {"triton.cudagraphs": True}
-            self._compiled = torch.compile(self._forward, dynamic=False, options=options)
+            if self.device.type == "cpu":
+                # Freezing folds the weights in as constants and lets inductor use MKL's packed GEMM for them. It is
+                # switched on around each compiled call (`_freezing`), where compilation happens: passed as a
+                # per-compile option it is not applied (torch 2.13: the generated code then calls plain addmm on
+                # weight inputs), and a global setting would leak into the user's other compiles.
+                import torch._inductor.config as inductor_config
+
+                self._freezing = lambda: inductor_config.patch(freezing=True)
+                self._compiled = torch.compile(self._forward, dynamic=False)
+            else:
+                self._compiled = torch.compile(self._forward, dynamic=False, mode="reduce-overhead")  # CUDA graphs
 
     def start(self, batch: int, capacity: int) -> None:
-        if self.cache is None or self.capacity < capacity or self.cache.layers[0].is_initialized and \
-                self.cache.layers[0].batch_size != batch:
+        """A compiled target keeps its cache while it is large enough (a new cache means new graphs); an eager one
+        allocates exactly `capacity` slots (attention reads every slot, so a smaller cache is a faster step)."""
+        layer = None if self.cache is None else self.cache.layers[0]
+        keep = (layer is not None and (not layer.is_initialized or layer.batch_size == batch)
+                and (self.capacity >= capacity if self._compiled is not None else self.capacity == capacity))
+        if not keep:
             self.cache, self.offset = slot_cache(self.config, capacity, self.device)
             self.capacity = capacity
         self._slots = torch.arange(self.capacity, device=self.device)
@@ -314,7 +336,8 @@ class HFTarget(Target):
         if fn is self._compiled:
             key = (b, width)
             try:
-                logits, feats = fn(ids, pos, mask)
+                with self._freezing():
+                    logits, feats = fn(ids, pos, mask)
             except Exception as exc:  # noqa: BLE001 - any compile failure: fall back, never a wrong token
                 self._compiled = None
                 self.compile_stats.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
