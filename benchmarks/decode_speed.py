@@ -13,7 +13,9 @@ Methods (each one per prompt, in this order, so machine noise hits all alike):
   leanlm_{chain,eagle2,c2t}_{eager,compiled}          speculative decoding with the committed SmolLM2 head
 Each row: wall seconds including prefill (compile time excluded and reported apart), new tokens, and whether the
 tokens equal hf_eager's. Rows are appended to `<out>.jsonl` as they finish, so an interrupted run resumes where it
-stopped; `--report` writes the table (`<out>.md`), the JSON summary and the plot from what is there.
+stopped (rerun the same command); `--report` writes the table (`<out>.md`), the JSON summary and the plot from what
+is there. On its first start the run also measures the target's step cost at tree widths 1-16, eager and compiled
+(`meta.step_ms` in `<out>.json`); `--step-costs` measures widths 1-64 in a process of its own.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eagle2", default="eagle2:total_tokens=16:depth=5:top_k=4",
                    help="EAGLE-2 tree for this CPU (the default 60-node tree costs more than it saves here)")
     p.add_argument("--c2t", default="c2t:beta=0.5:max_nodes=16")
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "decoding"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "decoding-mtbench"))
     p.add_argument("--report", action="store_true", help="only write the table/plot from the rows so far")
     p.add_argument("--step-costs", action="store_true",
                    help="instead: median seconds of one target step over n = 1..64 tree tokens after 256 cached "
@@ -110,6 +112,21 @@ def report(out: Path, meta: dict | None = None) -> None:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     print("\n".join(lines))
+
+
+def measure_steps(eager, compiled, widths, rounds: int = 5) -> dict:
+    """Median ms of one SmolLM2 target step over n tree tokens after 256 cached ones, eager and compiled,
+    round-robin (the tree shape of `cost.verify_seconds`)."""
+    import statistics as st
+
+    from leanlm.speculative.cost import verify_seconds
+
+    runs = {"eager": {n: [] for n in widths}, "compiled": {n: [] for n in widths}}
+    for _ in range(rounds):
+        for name, tgt in (("eager", eager), ("compiled", compiled)):
+            for n, sec in verify_seconds(tgt, list(widths), context=256, repeats=3).items():
+                runs[name][n].append(1000 * sec)
+    return {name: {n: st.median(v) for n, v in r.items()} for name, r in runs.items()}
 
 
 def step_costs(args, out: Path) -> int:
@@ -225,6 +242,9 @@ def main() -> int:
         meta["compile_warmup_seconds"]["leanlm"] = time.perf_counter() - t
         print(f"leanlm compile warm-up: {meta['compile_warmup_seconds']['leanlm']:.0f} s "
               f"({compiled.compile_stats.seconds})", flush=True)
+        if not rows_path.exists():  # first start: the step costs with the graphs just compiled
+            meta["step_ms"] = measure_steps(eager, compiled, BUCKETS[:5])
+            print(f"step ms: {meta['step_ms']}", flush=True)
     hf_static = None
     if "hf_static_compiled" in methods:
         from transformers import AutoModelForCausalLM

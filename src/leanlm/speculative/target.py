@@ -130,9 +130,10 @@ def _slot_layer_class():
         """transformers' `StaticLayer` whose writes go to slots [offset, offset + n), `offset` being one 0-d tensor
         shared by all layers and set by the target before each forward (no per-layer running count)."""
 
-        def __init__(self, max_cache_len: int, offset: torch.Tensor):
+        def __init__(self, max_cache_len: int, offset: torch.Tensor, span: dict):
             super().__init__(max_cache_len=max_cache_len)
             self.offset = offset
+            self.span = span  # {"slots": n or None}: how many leading slots attention reads (None = all)
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -153,7 +154,10 @@ def _slot_layer_class():
             slots = torch.arange(key_states.shape[-2], device=self.device) + self.offset  # [n]
             self.keys.index_copy_(2, slots, key_states)
             self.values.index_copy_(2, slots, value_states)
-            return self.keys, self.values
+            n = self.span["slots"]
+            if n is None:
+                return self.keys, self.values
+            return self.keys[:, :, :n], self.values[:, :, :n]
 
         def get_seq_length(self) -> int:
             return int(self.offset) if self.is_initialized else 0
@@ -164,8 +168,10 @@ def _slot_layer_class():
 _SLOT_LAYER = None
 
 
-def slot_cache(config, capacity: int, device: torch.device) -> tuple[object, torch.Tensor]:
-    """A `transformers.Cache` of `SlotLayer`s (full layers for every layer type) and its shared write offset.
+def slot_cache(config, capacity: int, device: torch.device) -> tuple[object, torch.Tensor, dict]:
+    """A `transformers.Cache` of `SlotLayer`s (full layers for every layer type), its shared write offset, and the
+    shared span (how many leading slots attention reads: eager steps read only the slots in use, compiled steps
+    all `capacity`, a static shape).
 
     The tensors get static addresses (`mark_static_address`) on CUDA only, where CUDA graphs need them. On CPU they
     stay ordinary graph inputs: inductor's freezing folds static tensors in as constants, which for a cache means
@@ -180,8 +186,9 @@ def slot_cache(config, capacity: int, device: torch.device) -> tuple[object, tor
     offset = torch.zeros((), dtype=torch.long, device=device)
     if torch.device(device).type == "cuda":
         torch._dynamo.mark_static_address(offset)
-    cache = Cache(layers=[_SLOT_LAYER(capacity, offset) for _ in range(text.num_hidden_layers)])
-    return cache, offset
+    span = {"slots": None}
+    cache = Cache(layers=[_SLOT_LAYER(capacity, offset, span) for _ in range(text.num_hidden_layers)])
+    return cache, offset, span
 
 
 def _layer_kinds(config) -> tuple[int | None, set[str]]:
@@ -258,7 +265,7 @@ class HFTarget(Target):
         keep = (layer is not None and (not layer.is_initialized or layer.batch_size == batch)
                 and (self.capacity >= capacity if self._compiled is not None else self.capacity == capacity))
         if not keep:
-            self.cache, self.offset = slot_cache(self.config, capacity, self.device)
+            self.cache, self.offset, self.span = slot_cache(self.config, capacity, self.device)
             self.capacity = capacity
         self._slots = torch.arange(self.capacity, device=self.device)
 
@@ -292,11 +299,12 @@ class HFTarget(Target):
         if t > self.capacity:
             raise ValueError(f"prompt of {t} tokens does not fit the cache of {self.capacity} slots")
         q = torch.arange(t, device=self.device)
-        visible = (self._slots[None, None, :] <= q[None, :, None]) & (self._slots[None, None, :] < lengths[:, None,
-                                                                                                        None])
+        slots = self._slots[:t]  # a prefill is eager: attention reads the t slots written
+        visible = (slots[None, None, :] <= q[None, :, None]) & (slots[None, None, :] < lengths[:, None, None])
         pos = q[None].expand(b, t)
         self.offset.fill_(0)
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask(visible, pos, self._slots[
+        self.span["slots"] = t
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask(visible, pos, slots[
             None].expand(b, -1)), past_key_values=self.cache, use_cache=True, output_hidden_states=True,
             logits_to_keep=lengths - 1)
         logits = out.logits[torch.arange(b, device=self.device), torch.arange(b, device=self.device)]  # [B, V]
@@ -325,13 +333,16 @@ class HFTarget(Target):
             full = torch.eye(width, dtype=torch.bool, device=self.device)[None].repeat(b, 1, 1)
             full[:, :n, :n] = tree
             tree = full
-        visible = self._slots[None, None, :] < lengths[:, None, None]  # [B, 1, S]
-        visible = visible.expand(b, width, self.capacity).clone()
+        span = self.capacity if fn is self._compiled else start + width  # eager: read only the slots in use
+        slots = self._slots[:span]
+        visible = slots[None, None, :] < lengths[:, None, None]  # [B, 1, S]
+        visible = visible.expand(b, width, span).clone()
         visible[:, :, start:start + width] = tree
-        k_pos = self._slots[None].expand(b, -1).clone()
+        k_pos = slots[None].expand(b, -1).clone()
         k_pos[:, start:start + width] = pos
         mask = self._mask(visible, pos, k_pos)
         self.offset.fill_(start)
+        self.span["slots"] = None if fn is self._compiled else span
         t0 = time.perf_counter()
         if fn is self._compiled:
             key = (b, width)
@@ -343,6 +354,7 @@ class HFTarget(Target):
                 self.compile_stats.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
                 print(f"warning: torch.compile failed ({self.compile_stats.failed}); decoding eager", file=sys.stderr)
                 self.offset.fill_(start)
+                self.span["slots"] = None  # the mask was built for every slot
                 logits, feats = self._forward(ids, pos, mask)
             if key not in self._seen:
                 self._seen.add(key)
