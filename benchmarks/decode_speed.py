@@ -228,6 +228,12 @@ def main() -> int:
             "transformers": __import__("transformers").__version__, "compile_warmup_seconds": {}}
     rows_path = out.with_suffix(".jsonl")
     rows_path.parent.mkdir(parents=True, exist_ok=True)
+    warmups = meta["compile_warmup_seconds"]  # this start's compile warm-ups
+    if rows_path.exists() and out.with_suffix(".json").exists():  # a resumed run keeps the first start's meta
+        first = json.loads(out.with_suffix(".json").read_text()).get("meta") or {}
+        if first:
+            first.setdefault("resumed_warmups", []).append(warmups)
+            meta = first
     done = set()
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():
@@ -239,8 +245,8 @@ def main() -> int:
         compiled.start(1, capacity)
         t = time.perf_counter()
         compiled.warmup(BUCKETS[:5])  # 1..16: the widths these trees use; wider steps compile when first seen
-        meta["compile_warmup_seconds"]["leanlm"] = time.perf_counter() - t
-        print(f"leanlm compile warm-up: {meta['compile_warmup_seconds']['leanlm']:.0f} s "
+        warmups["leanlm"] = time.perf_counter() - t
+        print(f"leanlm compile warm-up: {warmups['leanlm']:.0f} s "
               f"({compiled.compile_stats.seconds})", flush=True)
         if not rows_path.exists():  # first start: the step costs with the graphs just compiled
             meta["step_ms"] = measure_steps(eager, compiled, BUCKETS[:5])
@@ -259,7 +265,7 @@ def main() -> int:
                 for p in (prompts[0], prompts[0][:-1]):
                     hf_static.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False, eos_token_id=eos,
                                        pad_token_id=eos)
-            meta["compile_warmup_seconds"]["hf_static"] = time.perf_counter() - t
+            warmups["hf_static"] = time.perf_counter() - t
         except Exception as exc:  # noqa: BLE001 - recorded as this method's result
             hf_static = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
