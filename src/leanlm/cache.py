@@ -85,15 +85,6 @@ class GrowingBuffer:
         if self.data is not None:
             move_slots(self.data, dst, index)
 
-    def gather(self, index: torch.Tensor) -> None:
-        """Per batch row, keep the tokens `index[b]` [B, C] (row b's stored tokens, in the order given): batched
-        speculative decoding compacts each row's accepted tokens this way."""
-        if self.data is not None:
-            d = self.data[:, :, : self.length]
-            idx = index.to(d.device)[:, None, :, None].expand(d.shape[0], d.shape[1], index.shape[1], d.shape[3])
-            self.data = torch.gather(d, 2, idx)
-        self.length = index.shape[1]
-
     def select(self, index: torch.Tensor) -> None:
         if self.data is not None:
             self.data = self.data.index_select(0, index.to(self.data.device))
@@ -174,15 +165,20 @@ class LeanCache:
             if st is not None:
                 st.crop(length)
 
-    def keep(self, start: int, index: torch.Tensor) -> None:
-        """Keep positions [0, start) and then positions start + index [n] (ascending), dropping the rest: what tree
-        verification does with the accepted path. Only full-attention states (GQA, MLA, GLA) support it."""
+    def _full_attention_states(self, what: str):
+        """The layer states, each of which must support `what` (a method only full-attention states have)."""
         for st in self.layers:
             if st is None:
                 continue
-            if not hasattr(st, "keep"):
-                raise NotImplementedError(f"{type(st).__name__} cannot keep a token subset (sliding-window and "
+            if not hasattr(st, what):
+                raise NotImplementedError(f"{type(st).__name__} cannot {what} tokens (sliding-window and "
                                           "block-sparse caches are position-structured); use chain drafting")
+            yield st
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """Keep positions [0, start) and then positions start + index [n] (ascending), dropping the rest: what tree
+        verification does with the accepted path. Only full-attention states (GQA, MLA, GLA) support it."""
+        for st in self._full_attention_states("keep"):
             st.keep(start, index)
 
     def select(self, index: torch.Tensor) -> None:
@@ -193,24 +189,8 @@ class LeanCache:
     def move(self, dst: torch.Tensor, index: torch.Tensor) -> None:
         """Per batch row b, cached slots [dst[b], dst[b] + R) := old slots index[b] (dst [B], index [B, R]), in
         place (the accepted paths of a tree step). Full-attention states only, like `keep`."""
-        for st in self.layers:
-            if st is None:
-                continue
-            if not hasattr(st, "move"):
-                raise NotImplementedError(f"{type(st).__name__} cannot move tokens (sliding-window and block-sparse "
-                                          "caches are position-structured); use chain drafting")
+        for st in self._full_attention_states("move"):
             st.move(dst, index)
-
-    def gather(self, index: torch.Tensor) -> None:
-        """Per batch row b keep the cached tokens `index[b]` [B, C] (batched tree verification). Full-attention
-        states only, like `keep`."""
-        for st in self.layers:
-            if st is None:
-                continue
-            if not hasattr(st, "gather"):
-                raise NotImplementedError(f"{type(st).__name__} cannot keep per-row token subsets; batched "
-                                          "speculative decoding needs full-attention layers (GQA, MLA, GLA)")
-            st.gather(index)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Beam-search hook used by `generate()`."""

@@ -42,10 +42,6 @@ class KVState:
         self.k.move(dst, index)
         self.v.move(dst, index)
 
-    def gather(self, index: torch.Tensor) -> None:
-        self.k.gather(index)
-        self.v.gather(index)
-
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
 

@@ -91,12 +91,6 @@ class LatentState:
         self.c.move(dst, index)
         self.k_rope.move(dst, index)
 
-    def gather(self, index: torch.Tensor) -> None:
-        if self.window:
-            raise NotImplementedError("a sliding-window latent cache cannot keep per-row token subsets")
-        self.c.gather(index)
-        self.k_rope.gather(index)
-
     def nbytes(self) -> int:
         return self.c.nbytes() + self.k_rope.nbytes()
 
