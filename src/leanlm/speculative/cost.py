@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from leanlm.speculative.target import bucket_for, make_target
+from leanlm.speculative.engine import cache_capacity
+from leanlm.speculative.target import make_target
 from leanlm.speculative.tree import TokenTree
 
 
@@ -25,7 +26,7 @@ def verify_seconds(target, sizes: list[int], context: int = 256, repeats: int = 
     tgt = make_target(target)
     g = torch.Generator().manual_seed(seed)
     vocab = tgt.config.vocab_size
-    tgt.start(1, -(-(context + max(bucket_for(n) or n for n in sizes) + 1) // 256) * 256)
+    tgt.start(1, cache_capacity(context, 0, max(sizes)))
     lengths = torch.tensor([context], device=tgt.device)
     tgt.prefill(torch.randint(0, vocab, (1, context), generator=g).to(tgt.device), lengths)
     sync = torch.cuda.synchronize if tgt.device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
