@@ -133,7 +133,6 @@ def step_costs(args, out: Path) -> int:
     """Eager and compiled step costs of SmolLM2 at tree widths 1..64 (the same tree shape as `cost.verify_seconds`),
     measured round-robin so that noise hits both alike."""
     import os
-    import statistics as st
 
     os.environ.setdefault("LEANLM_CACHE", str(ROOT / ".cache"))
     import torch
@@ -148,12 +147,7 @@ def step_costs(args, out: Path) -> int:
     t = time.perf_counter()
     verify_seconds(targets["compiled"], list(BUCKETS), context=256, repeats=1)  # compiles every width once
     compile_s = time.perf_counter() - t
-    runs = {k: {n: [] for n in BUCKETS} for k in targets}
-    for _ in range(5):
-        for k, tgt in targets.items():
-            for n, sec in verify_seconds(tgt, list(BUCKETS), context=256, repeats=3).items():
-                runs[k][n].append(sec)
-    ms = {k: {n: 1000 * st.median(v) for n, v in r.items()} for k, r in runs.items()}
+    ms = measure_steps(targets["eager"], targets["compiled"], BUCKETS)
     one = ms["compiled"][1]
     result = {"threads": args.threads, "context": 256, "compile_seconds_all_widths": compile_s, "ms": ms,
               "ratio_to_compiled_1_token": {k: {n: v / one for n, v in r.items()} for k, r in ms.items()}}
