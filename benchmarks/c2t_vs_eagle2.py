@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from leanlm.cli import load_model_and_tokenizer
+    from leanlm.inference import load_model_and_tokenizer
     from leanlm.speculative.bench import markdown, run_bench
-    from leanlm.speculative.c2t import C2T, C2TClassifier, cost_aware_beta, load_rows
+    from leanlm.speculative.c2t import C2T, C2TClassifier
+    from leanlm.speculative.c2t_train import cost_aware_beta, load_rows
     from leanlm.speculative.cost import draft_layer_seconds, verify_seconds
     from leanlm.speculative.draft import EagleDraftHead
     from leanlm.speculative.prompts import encode_chat, load_prompts

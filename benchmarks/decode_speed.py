@@ -138,7 +138,7 @@ def step_costs(args, out: Path) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from leanlm.cli import load_model_and_tokenizer
+    from leanlm.inference import load_model_and_tokenizer
     from leanlm.speculative.cost import verify_seconds
     from leanlm.speculative.target import BUCKETS, make_target
 
@@ -194,14 +194,13 @@ def main() -> int:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    from leanlm.cli import load_model_and_tokenizer
+    from leanlm.inference import load_model_and_tokenizer
     from leanlm.pretrained import committed_draft
-    from leanlm.speculative.c2t import C2T  # noqa: F401  (the c2t strategy)
     from leanlm.speculative.draft import EagleDraftHead
     from leanlm.speculative.engine import SpeculativeDecoder, cache_capacity
     from leanlm.speculative.prompts import encode_chat, load_prompts
     from leanlm.speculative.target import BUCKETS, make_target
-    from leanlm.speculative.tree import parse_strategy
+    from leanlm.speculative.strategies import parse_strategy
 
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in ALL]

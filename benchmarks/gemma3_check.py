@@ -16,7 +16,7 @@ import torch
 
 
 def main() -> int:
-    from leanlm.cli import load_model_and_tokenizer
+    from leanlm.inference import load_model_and_tokenizer
     from leanlm.speculative.prompts import load_prompts
     from leanlm.speculative import Chain, Eagle2, SpeculativeDecoder, plain_generate
     from leanlm.speculative.draft import EagleDraftHead, head_config

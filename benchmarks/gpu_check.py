@@ -122,7 +122,7 @@ def part_speculative(args, out: Path, timeout: float) -> dict:
     from leanlm.speculative.draft import EagleDraftHead, ModelDrafter, head_config
     from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
     from leanlm.speculative.target import make_target
-    from leanlm.speculative.tree import make_strategy
+    from leanlm.speculative.strategies import make_strategy
 
     deadline = time.perf_counter() + timeout
     dev = torch.device(args.device)

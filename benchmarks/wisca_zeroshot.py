@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from leanlm.cli import load_model_and_tokenizer
+from leanlm.inference import load_model_and_tokenizer
 from leanlm.evals.suite import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]

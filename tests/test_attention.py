@@ -221,10 +221,10 @@ def test_sparse_branches_match_a_per_query_loop(l, d, ls, n):
     scale, w = dk ** -0.5, 6
     pos = torch.arange(t)
     kc, vc = ops.compress(k, l, d), ops.compress(v, l, d)
-    cmp, probs = ops.compression_attention(q, kc, vc, pos, l, d, scale)
-    idx = ops.select_blocks(probs, pos, g, n, l, d, ls, 1, 2)
-    slc = ops.selection_attention(q, k, v, idx, pos, 0, ls, scale)
-    win = ops.window_attention(q, k, v, pos, 0, w, scale)
+    cmp, lse = ops.compression_attention(q, kc, vc, 0, l, d, scale)
+    idx = ops.select_blocks(q, kc, lse, pos, n, l, d, ls, 1, 2, scale)
+    slc = ops.selection_attention(q, k, v, idx, 0, 0, ls, scale)
+    win = ops.window_attention(q, k, v, 0, 0, w, scale)
     want, chosen = naive_branches(q, k, v, l, d, ls, n, 1, 2, w, scale)
     torch.testing.assert_close(cmp, want["cmp"])
     torch.testing.assert_close(win, want["win"])
@@ -239,11 +239,12 @@ def test_query_groups_reuse_the_selection_of_their_first_token():
                                            "nsa_local_blocks": 1})
     branches = SparseBranches(cfg, 1, 6, 6, 2, ("cmp", "slc"))
     gen = torch.Generator().manual_seed(2)
-    probs = torch.softmax(torch.randn(1, 4, 64, 7, generator=gen), -1)
+    q, kc = torch.randn(1, 4, 64, 6, generator=gen), torch.randn(1, 2, 7, 6, generator=gen)
+    _, lse = ops.compression_attention(q, kc, kc, 0, 8, 8, 1.0)
     pos = torch.arange(64)
-    per_token = ops.select_blocks(probs, pos, 2, 2, 8, 8, 8, 1, 1)
-    grouped = branches._selection(lambda rows: ops.select_blocks(probs[:, :, rows], pos[rows], 2, 2, 8, 8, 8, 1, 1),
-                                  pos, 0, None)
+    per_token = ops.select_blocks(q, kc, lse, pos, 2, 8, 8, 8, 1, 1, 1.0)
+    grouped = branches._selection(lambda rows: ops.select_blocks(q[:, :, rows], kc, lse[:, :, rows], pos[rows], 2,
+                                                                 8, 8, 8, 1, 1, 1.0), pos, 0, None)
     for p in range(64):
         assert torch.equal(grouped[:, :, p], per_token[:, :, p - p % 4])
     assert not torch.equal(grouped, per_token)  # the reuse is real, not a no-op

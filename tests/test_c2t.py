@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from leanlm.speculative import SpeculativeDecoder, plain_generate
-from leanlm.speculative.c2t import (C2T, C2TClassifier, C2TTrainConfig, EntropyRecorder, auc, collect_trees,
-                             cost_aware_beta, load_rows, replay, save_rows, top_entropy,
-                             train_classifier)
+from leanlm.speculative.c2t import C2T, C2TClassifier, top_entropy
+from leanlm.speculative.c2t_train import (C2TTrainConfig, EntropyRecorder, auc, collect_trees, cost_aware_beta,
+                                          load_rows, replay, save_rows, train_classifier)
 from leanlm.speculative.draft import EagleDraftHead, head_config
-from leanlm.speculative.tree import make_strategy
+from leanlm.speculative.strategies import make_strategy
 from test_spec import V, assert_samples_like_plain, decoder, sampling_target, tiny, tiny_hf_llama
 
 

@@ -66,7 +66,7 @@ def test_missing_checkpoint(tmp_path, capsys):
 def test_wisca_command_transforms_a_checkpoint(tiny_config, tmp_path, capsys):
     import torch
 
-    from leanlm.cli import load_model_and_tokenizer
+    from leanlm.inference import load_model_and_tokenizer
 
     raw = tiny_config(max_steps=4, ckpt_every=4, eval_every=4)
     assert main(["train", write_cfg(tmp_path, raw)]) == 0

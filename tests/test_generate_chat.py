@@ -13,7 +13,7 @@ QUESTION = "Name a primary colour."
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from leanlm.cli import load_model_and_tokenizer
+    from leanlm.inference import load_model_and_tokenizer
 
     return load_model_and_tokenizer("smollm2")
 

@@ -63,7 +63,7 @@ def test_window_kernel_matches_reference(dtype, heads, groups, dk, dv, window, q
     qr, kr, vr = as_ref(q, k, v)
     scale = dk ** -0.5
     out = banded.window_attention(q, k, v, q_off, 0, window, scale)
-    expect = ref.window_attention(qr, kr, vr, torch.arange(q_off, s, device=DEVICE), 0, window, scale)
+    expect = ref.window_attention(qr, kr, vr, q_off, 0, window, scale)
     check_grads(out, expect, (q, k, v), (qr, kr, vr), dtype)
 
 
@@ -76,7 +76,8 @@ def test_compression_kernel_matches_reference(dtype, block, stride):
     vc = rand(2, 2, kc.shape[2], 12, dtype=dtype, seed=2)
     qr, kr, vr = as_ref(q, kc, vc)
     out, lse = banded.compression_attention(q, kc, vc, 0, block, stride, 0.3)
-    expect, probs = ref.compression_attention(qr, kr, vr, torch.arange(t, device=DEVICE), block, stride, 0.3)
+    expect, lse_ref = ref.compression_attention(qr, kr, vr, 0, block, stride, 0.3)
+    probs = ref.compression_probs(qr, kr, lse_ref, torch.arange(t, device=DEVICE), block, stride, 0.3)
     check_grads(out, expect, (q, kc, vc), (qr, kr, vr), dtype)
     # lse turns scores into the reference's probabilities; -inf for queries before the first complete block
     scores = (qr @ kr.repeat_interleave(2, 1).transpose(-1, -2)).float() * 0.3
@@ -94,8 +95,8 @@ def test_topk_kernel_selects_the_reference_blocks(block, stride, sel_block, coun
     q = rand(1, 4, t, 24).detach()
     kc = rand(1, 2, ref.num_compressed_blocks(t, block, stride), 24, seed=1).detach()
     pos = torch.arange(t, device=DEVICE)
-    _, probs = ref.compression_attention(q, kc, kc, pos, block, stride, 0.3)
-    expect = ref.select_blocks(probs, pos, 2, count, block, stride, sel_block, init, local)
+    _, lse_ref = ref.compression_attention(q, kc, kc, 0, block, stride, 0.3)
+    expect = ref.select_blocks(q, kc, lse_ref, pos, count, block, stride, sel_block, init, local, 0.3)
     _, lse = banded.compression_attention(q, kc, kc, 0, block, stride, 0.3)
     got = topk.select_blocks(q, kc, lse, pos, count, block, stride, sel_block, init, local, 0.3)
     assert got.dtype == torch.int32 and got.shape == expect.shape
@@ -109,10 +110,10 @@ def test_topk_kernel_on_a_subset_of_rows():
     q = rand(1, 2, t, 16).detach()
     kc = rand(1, 1, 8, 16, seed=1).detach()
     pos = torch.arange(t, device=DEVICE)
-    _, probs = ref.compression_attention(q, kc, kc, pos, 8, 8, 0.25)
+    _, lse_ref = ref.compression_attention(q, kc, kc, 0, 8, 8, 0.25)
     _, lse = banded.compression_attention(q, kc, kc, 0, 8, 8, 0.25)
     rows = slice(3, None, 4)
-    expect = ref.select_blocks(probs[:, :, rows], pos[rows], 1, 3, 8, 8, 8, 1, 1)
+    expect = ref.select_blocks(q[:, :, rows], kc, lse_ref[:, :, rows], pos[rows], 3, 8, 8, 8, 1, 1, 0.25)
     got = topk.select_blocks(q[:, :, rows], kc, lse[:, :, rows], pos[rows], 3, 8, 8, 8, 1, 1, 0.25)
     assert torch.equal(got.long().sort(-1).values, expect.sort(-1).values)
 
@@ -140,7 +141,7 @@ def test_selection_kernel_matches_reference(dtype, heads, groups, query_group, q
     idx = table[:, :, pos // query_group]  # tokens of a query group share their blocks
     qr, kr, vr = as_ref(q, k, v)
     out = selection.selection_attention(q, k, v, idx, q_off, 0, sel_block, 0.2, query_group)
-    expect = ref.selection_attention(qr, kr, vr, idx, pos, 0, sel_block, 0.2)
+    expect = ref.selection_attention(qr, kr, vr, idx, q_off, 0, sel_block, 0.2)
     check_grads(out, expect, (q, k, v), (qr, kr, vr), dtype)
 
 
@@ -171,8 +172,7 @@ def test_latent_decode_over_selected_blocks_matches_reference(dtype):
     out, _ = decode.latent_decode(ql, qr, c, kr, 0.2, blocks=blocks, block=16)
     q = torch.cat([ql, qr], -1)[:, :, None].float()
     k = torch.cat([c, kr.expand(-1, g, -1, -1)], -1).float()
-    expect = ref.selection_attention(q, k, c.float(), blocks[:, :, None], torch.tensor([s - 1], device=DEVICE),
-                                     0, 16, 0.2)[:, :, 0]
+    expect = ref.selection_attention(q, k, c.float(), blocks[:, :, None], s - 1, 0, 16, 0.2)[:, :, 0]
     assert rel_err(out, expect) < TOL[dtype]
 
 

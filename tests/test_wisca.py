@@ -226,7 +226,7 @@ def test_optimizer_state_modes(mode):
 
 # ----------------------------------------------------------------------------------------------- training
 def test_training_callback_schedule_and_invariance(tiny_config):
-    from leanlm.runconfig import build_run_config
+    from leanlm.runconfig import build_run_config, run_callbacks
     from leanlm.train import Callback, Trainer
 
     class Probe(Callback):  # records validation loss at every 4th step end
@@ -240,7 +240,8 @@ def test_training_callback_schedule_and_invariance(tiny_config):
     raw = tiny_config(max_steps=9, ckpt_every=0, eval_every=0)
     raw["wisca"] = {"every": 4}
     before, after = Probe(), Probe()
-    trainer = Trainer(build_run_config(raw), callbacks=[before])
+    run = build_run_config(raw)
+    trainer = Trainer(run, callbacks=[before, *run_callbacks(run)])
     wisca_cb = trainer.callbacks[-1]
     trainer.callbacks.append(after)  # runs after WISCA's transition
     trainer.fit()
@@ -266,12 +267,13 @@ def test_transition_inside_training_preserves_validation_loss(tiny_config):
 
 
 def test_lr_control_sets_per_tensor_learning_rates(tiny_config):
-    from leanlm.runconfig import build_run_config
+    from leanlm.runconfig import build_run_config, run_callbacks
     from leanlm.train import Trainer
 
     raw = tiny_config(max_steps=2, ckpt_every=0, eval_every=0, warmup_steps=0)
     raw["wisca"] = {"every": 100, "apply": "lr"}
-    trainer = Trainer(build_run_config(raw))
+    run = build_run_config(raw)
+    trainer = Trainer(run, callbacks=run_callbacks(run))
     q_before = trainer.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     trainer.callbacks[-1].on_train_start(trainer)
     attn = trainer.model.model.layers[0].self_attn

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from leanlm.errors import CheckpointError
 
@@ -33,17 +35,28 @@ MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Create file `path` by calling `write(tmp)` on a temporary file beside it, syncing it to disk and renaming it
+    into place: readers see the old file or the complete new one, never a part. On failure `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_file` for text."""
+    atomic_write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def remove_stale_temporaries(root: Path) -> None:
@@ -119,7 +132,6 @@ def read_json_object(path: Path, what: str, fix: str, required: tuple[str, ...] 
 
 def load_tensors(path: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file` with a truncated or garbage file reported as one CheckpointError."""
-    from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
@@ -241,7 +253,6 @@ def check_checkpoint(path: Path, need_trainer_state: bool = True) -> None:
     verify_manifest(path)
     fix = "use another checkpoint, or retrain"
     try:
-        from safetensors import safe_open
 
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             list(f.keys())

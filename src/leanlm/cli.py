@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
+from leanlm.speculative.c2t_config import C2TTrainConfig
 
 
 def _offline() -> None:
@@ -36,93 +37,12 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_model_and_tokenizer(path: str, device: str = "cpu"):
-    """A leanlm checkpoint or any local Hugging Face causal-LM folder, with its tokenizer (offline only).
-    `smollm2` names the bundled SmolLM2-135M-Instruct and `gemma3` the optional Gemma-3-270M (converted on first use,
-    see `leanlm.pretrained`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import leanlm.model  # noqa: F401  (registers the leanlm model type with the Auto classes)
-    from leanlm.checkpoint import check_checkpoint
-
-    if path == "smollm2":
-        from leanlm.pretrained import smollm2_135m_instruct
-
-        path = str(smollm2_135m_instruct())
-    elif path == "gemma3":
-        from leanlm.pretrained import gemma3_270m
-
-        path = str(gemma3_270m())
-    from leanlm.errors import CheckpointError
-
-    check_checkpoint(Path(path), need_trainer_state=False)
-    fix = "restore the folder from a copy, or use another checkpoint"
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a mismatch is reported below in one line, not as transformers' load table
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    except LeanLMError as exc:
-        raise CheckpointError(f"{path}/config.json: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a broken folder
-        text = str(exc)
-        if "mismatched_sizes" in text or "size mismatch" in text:
-            raise CheckpointError(f"the weights in {path}/model.safetensors do not match its config.json (a size "
-                                  f"field such as hidden_size was changed). Fix: {fix}") from None
-        first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CheckpointError(f"cannot load the model in {path} ({type(exc).__name__}: {first}). Fix: {fix}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CheckpointError(f"cannot load the tokenizer in {path} ({type(exc).__name__}: {first}). Fix: restore "
-                              f"its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
-    return model.to(device).eval(), tokenizer
-
-
-def checked_device(name: str) -> str:
-    """`cpu`, `cuda` (or `cuda:N`), checked before any work; `auto` picks cuda when a GPU is visible."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
-    if name.split(":")[0] == "cuda":
-        if not torch.cuda.is_available():
-            raise LeanLMError(f"--device {name}: no GPU is visible here. Fix: use --device cpu (or auto)")
-        return name
-    raise LeanLMError(f"--device {name!r} is unknown. Fix: use cpu, cuda or auto")
-
-
-def context_length(config) -> int | None:
-    """The longest sequence a model was built for (`max_position_embeddings`), if its config says."""
-    n = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
-
-
-def check_fits_context(model, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt") -> None:
-    """One clear error, before any decoding, when prompt + new tokens would run past the model's context."""
-    limit = context_length(model.config)
-    if limit is not None and prompt_tokens + max_new_tokens > limit:
-        room = limit - prompt_tokens
-        fix = f"use --max-new-tokens <= {room}" if room > 0 else "shorten the prompt"
-        raise LeanLMError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is longer than the "
-                          f"model's context of {limit} tokens. Fix: {fix}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from leanlm.runconfig import load_run_config
+    from leanlm.runconfig import load_run_config, run_callbacks
     from leanlm.train import Trainer
 
     run = load_run_config(args.config, args.set)
-    trainer = Trainer(run)
+    trainer = Trainer(run, callbacks=run_callbacks(run))
     try:
         metrics = trainer.fit()
     finally:
@@ -133,44 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def validation_perplexity(model, run_config: dict, batches: int, batch_size: int = 8,
-                          tokenizer=None) -> dict[str, float]:
-    """Validation loss/perplexity of `model` on the validation split of the data section in `run_config`
-    (and bits per byte of the scored text when `tokenizer` is given)."""
-    import torch
-    import torch.nn.functional as F
-
-    from leanlm.data import DataConfig, TokenWindows, prepare_data
-
-    from leanlm.errors import CheckpointError
-
-    try:
-        data_cfg = DataConfig(**run_config["data"])
-        data_cfg.check()
-    except (KeyError, TypeError, LeanLMError) as exc:
-        raise CheckpointError(f"the run config's data section is unusable ({type(exc).__name__}: {exc}). Fix: pass a "
-                              f"checkpoint written by `leanlm train` (its run_config.json names the data)") from None
-    data = prepare_data(data_cfg, model.config.vocab_size)
-    windows = TokenWindows(data.val, data_cfg.seq_len)
-    picks = windows.spread(batches * batch_size)
-    total, count, n_bytes = 0.0, 0, 0
-    with torch.no_grad():
-        for i in range(0, len(picks), batch_size):
-            batch = windows.batch(picks[i : i + batch_size]).to(model.device)
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                   reduction="sum")
-            total += float(loss)
-            count += batch[:, 1:].numel()
-            if tokenizer is not None:
-                n_bytes += sum(len(t.encode("utf-8")) for t in tokenizer.batch_decode(batch[:, 1:].tolist()))
-    out = {"val_loss": total / count, "val_ppl": math.exp(total / count), "tokens": count}
-    if tokenizer is not None:
-        out["bits_per_byte"] = total / math.log(2) / n_bytes
-    return out
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from leanlm.inference import checked_device, load_model_and_tokenizer
+
     path = Path(args.checkpoint)
     if args.tasks:
         from leanlm.evals.suite import markdown_table, parse_tasks, run_suite, write_results
@@ -184,6 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
         return 0
     from leanlm.checkpoint import read_json_object
+    from leanlm.evals.perplexity import validation_perplexity
 
     model, tokenizer = load_model_and_tokenizer(str(path), device=checked_device(args.device))
     run_file = path / "run_config.json"
@@ -195,39 +81,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = validation_perplexity(model, run_config, args.batches, tokenizer=tokenizer)
     print(json.dumps(metrics))
     return 0
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Token ids of `prompt`: as a user turn of the tokenizer's chat template (with the generation prompt) when
-    `chat`, else the raw text for completion."""
-    from leanlm.speculative.prompts import encode_chat
-
-    return encode_chat(tokenizer, prompt) if chat else tokenizer(prompt)["input_ids"]
-
-
-def use_chat(tokenizer, chat: bool | None) -> bool:
-    """`--chat` / `--no-chat`, or (neither given) whether the tokenizer has a chat template."""
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if chat and not has:
-        raise LeanLMError("--chat: this model's tokenizer has no chat template. Fix: drop --chat (raw completion)")
-    return has if chat is None else chat
-
-
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-                  seed: int, stream: bool = True, chat: bool = False, compile: str = "off") -> str:
-    """Sample (or, at temperature 0, greedily decode) a continuation through leanlm's decoding backend, streamed.
-    With `chat` the prompt is a user turn of the chat template and only the answer is printed and returned;
-    without it the prompt is continued and printed with its continuation."""
-    from leanlm.speculative.generation import decode_text
-
-    if stream and not chat:
-        print(prompt, end="", flush=True)
-    answer, _ = decode_text(model, tokenizer, encode_prompt(tokenizer, prompt, chat), max_new_tokens,
-                            temperature=temperature, top_k=top_k, seed=seed, compile=compile,
-                            on_text=(lambda piece: print(piece, end="", flush=True)) if stream else None)
-    if stream:
-        print(flush=True)
-    return answer if chat else prompt + answer
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -249,59 +102,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.spec == "c2t" and not args.classifier:
         raise LeanLMError("--spec c2t needs a classifier. Fix: pass --classifier DIR (written by "
                           "`leanlm spec c2t-train`)")
+    from leanlm.inference import check_prompt, checked_device, generate_text, load_model_and_tokenizer, use_chat
+
+    head = strategy = None
     if args.spec != "none":
-        import leanlm.speculative.c2t  # noqa: F401  (registers the c2t strategy)
         from leanlm.speculative.draft import EagleDraftHead
-        from leanlm.speculative.tree import make_strategy
+        from leanlm.speculative.strategies import make_strategy
 
         kw = {"classifier": args.classifier, "beta": args.beta} if args.spec == "c2t" else {}
         try:  # unknown names and bad files fail here, before loading a model
             strategy = make_strategy(args.spec, **kw)
         except ValueError as exc:
             raise LeanLMError(f"--spec {args.spec}: {exc}. Fix: see `leanlm generate --help`") from None
-        model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=checked_device(args.device))
-        head, _ = EagleDraftHead.load(args.draft, model.config)
-        args.chat = use_chat(tokenizer, args.chat)
-        check_prompt(model, tokenizer, args.prompt, args.max_new_tokens, args.chat)
-        speculative_text(model, tokenizer, head, strategy, args)
-        return 0
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=checked_device(args.device))
+    if args.spec != "none":
+        head, _ = EagleDraftHead.load(args.draft, model.config)
     chat = use_chat(tokenizer, args.chat)
     check_prompt(model, tokenizer, args.prompt, args.max_new_tokens, chat)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                  chat=chat, compile=args.compile)
+                  chat=chat, compile=args.compile, head=head, strategy=strategy)
     return 0
-
-
-def check_prompt(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False) -> None:
-    """The prompt must give at least one token and, with the new tokens, fit the model's context."""
-    n = len(encode_prompt(tokenizer, prompt, chat))
-    if n == 0:
-        raise LeanLMError("--prompt gives no tokens with this tokenizer. Fix: give some text to continue")
-    check_fits_context(model, n, max_new_tokens)
-
-
-def speculative_text(model, tokenizer, head, strategy, args: argparse.Namespace) -> str:
-    """Stream a speculative-decoding continuation, then print the step statistics."""
-    from leanlm.speculative.generation import decode_text
-
-    if not args.chat:  # raw completion: the prompt, then its continuation
-        print(args.prompt, end="", flush=True)
-    answer, stats = decode_text(model, tokenizer, encode_prompt(tokenizer, args.prompt, args.chat),
-                                args.max_new_tokens, head=head, strategy=strategy, temperature=args.temperature,
-                                top_k=args.top_k, seed=args.seed, compile=args.compile,
-                                on_text=lambda piece: print(piece, end="", flush=True))
-    st = stats.as_dict()
-    compiled = f", compile {st['compile_seconds']:.0f} s" if st["compile_seconds"] else ""
-    print(f"\n[{strategy.describe()}: {st['steps']} steps, tau {st['tau']:.2f} accepted draft tokens per step, "
-          f"{st['candidates_per_step']:.1f} candidates verified per step, draft {st['draft_ms_per_step']:.1f} ms + "
-          f"verify {st['verify_ms_per_step']:.1f} ms per step{compiled}]")
-    return answer if args.chat else args.prompt + answer
 
 
 def cmd_spec_train_draft(args: argparse.Namespace) -> int:
     """Answer prompts with the target into a feature cache on disk, train an EAGLE head on it, save it
     (atomically)."""
+    from leanlm.inference import load_model_and_tokenizer
     from leanlm.speculative.draft import EagleDraftHead, head_config
     from leanlm.speculative.prompts import DRAFT_MIXES, draft_prompts
     from leanlm.speculative.train_draft import DraftTrainConfig, build_feature_cache, load_feature_cache, train_head
@@ -370,17 +196,16 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
 
 def cmd_spec_bench(args: argparse.Namespace) -> int:
     """Speculative decoding vs plain decoding on held-out prompt sets (table, JSON, plot)."""
+    from leanlm.inference import check_fits_context, checked_device, load_model_and_tokenizer
     from leanlm.speculative.bench import markdown, run_bench
-    from leanlm.speculative.prompts import PROMPT_SETS, load_prompts
     from leanlm.speculative.draft import EagleDraftHead
-    from leanlm.speculative.tree import parse_strategy
+    from leanlm.speculative.prompts import PROMPT_SETS, load_prompts
+    from leanlm.speculative.strategies import parse_strategy
 
     sets = [s.strip() for s in args.prompts.split(",") if s.strip()]
     bad = [s for s in sets if s not in PROMPT_SETS]
     if bad or not sets:
         raise LeanLMError(f"--prompts: unknown set(s) {bad}. Fix: use some of {', '.join(PROMPT_SETS)}")
-    import leanlm.speculative.c2t  # noqa: F401  (registers the c2t strategy)
-
     specs = [x for x in args.strategies.split(",") if x.strip()]
     if any(x.split(":")[0] == "c2t" for x in specs) and not args.classifier:
         raise LeanLMError("--strategies c2t needs a classifier. Fix: pass --classifier DIR")
@@ -414,7 +239,8 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
 
 def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
     """Full EAGLE-2 trees on training prompts, every node verified; features + labels to one file."""
-    from leanlm.speculative.c2t import collect_trees, save_rows
+    from leanlm.inference import checked_device, load_model_and_tokenizer
+    from leanlm.speculative.c2t_train import collect_trees, save_rows
     from leanlm.speculative.draft import EagleDraftHead
     from leanlm.speculative.prompts import draft_prompts, encode_chat
 
@@ -439,7 +265,7 @@ def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_c2t_train(args: argparse.Namespace) -> int:
-    from leanlm.speculative.c2t import C2TTrainConfig, load_rows, train_classifier
+    from leanlm.speculative.c2t_train import C2TTrainConfig, load_rows, train_classifier
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -467,6 +293,7 @@ def cmd_wisca(args: argparse.Namespace) -> int:
     import shutil
 
     from leanlm.checkpoint import write_folder_atomically
+    from leanlm.inference import load_model_and_tokenizer
     from leanlm.wisca import WiscaConfig, wisca_transform
 
     cfg = WiscaConfig(qk=args.qk, vo=args.vo, norm=args.norm, ffn=args.ffn, rope_pairs=args.rope_pairs)
@@ -673,17 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
     ct = ssub.add_parser("c2t-train", help="train the C2T classifier (BCE, negative sampling, held-out split)")
     ct.add_argument("data", help="a file written by c2t-collect")
     ct.add_argument("--out", required=True, help="classifier folder")
-    ct.add_argument("--neg-ratio", type=non_negative_float, default=4.0, help="negatives per positive per epoch (0 = all)")
-    ct.add_argument("--epochs", type=positive_int, default=100, help="the paper's 10 are for ~9M rows; a CPU-sized "
-                    "collection (~100k rows) needs more passes")
-    ct.add_argument("--lr", type=positive_float, default=3e-3)
-    ct.add_argument("--batch-size", type=positive_int, default=256)
-    ct.add_argument("--hidden", type=positive_int, default=48)
-    ct.add_argument("--feature-scaling", choices=("raw", "log"), default="log",
-                    help="log (default: log P, measured better) or raw (P linear, the paper's reading)")
-    ct.add_argument("--beta", type=unit_interval, default=0.5, help="threshold for the reported precision/recall")
-    ct.add_argument("--val-fraction", type=unit_interval, default=0.1)
-    ct.add_argument("--seed", type=seed_int, default=0)
+    c2t = C2TTrainConfig()  # the defaults of the Python API, so both read one source
+    ct.add_argument("--neg-ratio", type=non_negative_float, default=c2t.neg_ratio,
+                    help=f"negatives per positive per epoch (0 = all; default {c2t.neg_ratio})")
+    ct.add_argument("--epochs", type=positive_int, default=c2t.epochs, help=f"default {c2t.epochs}: the paper's 10 are "
+                    "for ~9M rows; a CPU-sized collection (~100k rows) needs more passes")
+    ct.add_argument("--lr", type=positive_float, default=c2t.lr, help=f"default {c2t.lr}")
+    ct.add_argument("--batch-size", type=positive_int, default=c2t.batch_size, help=f"default {c2t.batch_size}")
+    ct.add_argument("--hidden", type=positive_int, default=c2t.hidden, help=f"default {c2t.hidden}")
+    ct.add_argument("--feature-scaling", choices=("raw", "log"), default=c2t.feature_scaling,
+                    help=f"log (log P, measured better) or raw (P linear, the paper's reading); default "
+                    f"{c2t.feature_scaling}")
+    ct.add_argument("--beta", type=unit_interval, default=c2t.beta,
+                    help=f"threshold for the reported precision/recall (default {c2t.beta})")
+    ct.add_argument("--val-fraction", type=unit_interval, default=c2t.val_fraction,
+                    help=f"default {c2t.val_fraction}")
+    ct.add_argument("--seed", type=seed_int, default=c2t.seed)
     ct.add_argument("--overwrite", action="store_true")
     ct.set_defaults(func=cmd_spec_c2t_train)
 

@@ -2,8 +2,9 @@
 
 `LeanLMConfig` is a `transformers.PreTrainedConfig`, so `save_pretrained`, `from_pretrained`, `AutoConfig`, peft
 and lm-eval read it as they read any Llama config. The only new field is `attention`: either one attention kind
-for every layer (`"gqa"`) or an explicit list with one kind per layer. Kinds are looked up in
-`leanlm.attention.ATTENTION_REGISTRY`; new kinds (MLA, GLA, NSA, ASA) register themselves there.
+for every layer (`"gqa"`) or an explicit list with one kind per layer, from `ATTENTION_KINDS`; `leanlm.model`
+builds each layer from `leanlm.attention.ATTENTION_CLASSES`. The config checks every field a layer kind reads
+here, so this module depends on nothing above it.
 
 Every value is checked when the config is built; a bad value raises `ConfigError` naming the field and the fix.
 """
@@ -16,6 +17,11 @@ from typing import Any
 from transformers import GenerationConfig, PreTrainedConfig
 
 from leanlm.errors import ConfigError
+
+ATTENTION_KINDS = ("gqa", "mla", "gla", "nsa", "asa")  # each has its class in `leanlm.attention.<kind>`
+KERNEL_CHOICES = ("auto", "triton", "torch")  # `attention_kernels`, see `leanlm.kernels.dispatch`
+ASA_ROLES = ("local", "global", "both")
+ASA_PATTERNS = ("alternate", "alternate_global_first", "nsa")
 
 
 class LeanLMConfig(PreTrainedConfig):
@@ -198,23 +204,103 @@ class LeanLMConfig(PreTrainedConfig):
         if self.hidden_act != "silu":
             raise ConfigError("hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
                               "set hidden_act: silu")
-        from leanlm.kernels.dispatch import KERNEL_CHOICES
-
         if self.attention_kernels not in KERNEL_CHOICES:
             raise ConfigError("attention_kernels", f"unknown choice {self.attention_kernels!r}",
                               f"use one of {', '.join(KERNEL_CHOICES)}")
-        from leanlm.attention import ATTENTION_REGISTRY  # local import: attention modules import this file
-
         kinds = self.layer_attention
         if not isinstance(self.attention, str) and len(kinds) != self.num_hidden_layers:
             raise ConfigError("attention", f"lists {len(kinds)} layer kinds for num_hidden_layers="
                               f"{self.num_hidden_layers}", "give one kind per layer, or a single kind for all layers")
         for i, kind in enumerate(kinds):
-            if kind not in ATTENTION_REGISTRY:
+            if kind not in ATTENTION_KINDS:
                 where = "" if isinstance(self.attention, str) else f" (layer {i})"
                 raise ConfigError("attention", f"unknown attention kind {kind!r}{where}",
-                                  f"use one of {sorted(ATTENTION_REGISTRY)}")
-            ATTENTION_REGISTRY[kind].check_config(self, i)
+                                  f"use one of {sorted(ATTENTION_KINDS)}")
+            self._check_layer(kind, i)
+
+    def _check_layer(self, kind: str, layer_idx: int) -> None:
+        """The fields an attention kind reads, for layer `layer_idx` (GQA reads only the common ones)."""
+        if kind == "asa":
+            p = self.asa_pattern
+            if isinstance(p, list):
+                if len(p) != self.num_hidden_layers or any(r not in ASA_ROLES for r in p):
+                    raise ConfigError("asa_pattern", f"an explicit pattern needs {self.num_hidden_layers} entries "
+                                      f"from {list(ASA_ROLES)}, got {p!r}", "or use one of " + ", ".join(ASA_PATTERNS))
+            elif p not in ASA_PATTERNS:
+                raise ConfigError("asa_pattern", f"unknown pattern {p!r}", "use one of " + ", ".join(ASA_PATTERNS) +
+                                  ", or a list with local/global/both per layer")
+        if kind in ("nsa", "asa"):
+            self._check_sparse_fields(layer_idx)
+        if kind == "mla" or (kind == "asa" and self.asa_role(layer_idx) == "local"):
+            self._check_latent_fields(1, self.kv_lora_rank or 0, "kv_lora_rank", "kv_lora_rank")
+        elif kind in ("gla", "asa"):
+            self._check_latent_fields(self.gla_latent_heads or 0, self.gla_kv_lora_rank or 0, "gla_kv_lora_rank",
+                                      "gla_latent_heads")
+
+    def _check_latent_fields(self, latent_heads: int, latent_dim: int, rank_field: str, heads_field: str) -> None:
+        """Fields of MLA/GLA layers (and ASA's, which are MLA when local and GLA when global)."""
+        for name in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", rank_field, heads_field):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}", f"set {name} to an integer > 0")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError("qk_rope_head_dim", f"RoPE rotates channel pairs, got odd {self.qk_rope_head_dim}",
+                              "use an even qk_rope_head_dim")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise ConfigError("q_lora_rank", f"must be a positive integer or null, got {self.q_lora_rank!r}",
+                              "set q_lora_rank: null for an uncompressed query")
+        if latent_dim % latent_heads:
+            raise ConfigError(rank_field, f"latent width {latent_dim} is not divisible by {heads_field}={latent_heads}",
+                              f"choose {rank_field} as a multiple of {heads_field}")
+        if self.num_attention_heads % latent_heads:
+            raise ConfigError(heads_field, f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                              f"{heads_field}={latent_heads}", "choose a divisor of num_attention_heads")
+        if self.latent_absorb not in ("auto", "always", "never"):
+            raise ConfigError("latent_absorb", f"unknown value {self.latent_absorb!r}", "use auto, always or never")
+
+    def _check_sparse_fields(self, layer_idx: int) -> None:
+        """Fields of NSA layers and ASA's global layers."""
+        l, d, ls = self.nsa_compress_block, self.nsa_compress_stride, self.nsa_select_block
+        for name in ("nsa_compress_block", "nsa_compress_stride", "nsa_select_block", "nsa_window", "nsa_query_group"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}", f"set {name} to an integer > 0")
+        n = self.nsa_select_count
+        if isinstance(n, list) and len(n) != self.num_hidden_layers:
+            raise ConfigError("nsa_select_count", f"lists {len(n)} counts for {self.num_hidden_layers} layers",
+                              "give one count per layer, or a single count")
+        n = self.select_count(layer_idx)
+        if not isinstance(n, int) or n <= 0:
+            raise ConfigError("nsa_select_count", f"must be a positive integer, got {n!r}", "use e.g. 16")
+        if l % d or ls % d:
+            raise ConfigError("nsa_compress_stride", f"stride d={d} must divide the compression block l={l} and the "
+                              f"selection block l'={ls} (NSA's d | l, d | l')", "use e.g. l=32, d=16, l'=64")
+        if self.nsa_window % ls:
+            raise ConfigError("nsa_window", f"window {self.nsa_window} is not a multiple of the selection block "
+                              f"nsa_select_block={ls}", f"use a multiple of {ls}, e.g. {max(ls, self.nsa_window // ls * ls)}")
+        blocks = math.ceil(self.max_position_embeddings / ls)
+        if n > blocks:
+            raise ConfigError("nsa_select_count", f"top-n={n} (layer {layer_idx}) is more than the {blocks} blocks of "
+                              f"{ls} tokens at the configured context max_position_embeddings="
+                              f"{self.max_position_embeddings}", f"use nsa_select_count <= {blocks}")
+        if self.nsa_init_blocks < 0:
+            raise ConfigError("nsa_init_blocks", f"must be >= 0 (always-selected first blocks), got {self.nsa_init_blocks}",
+                              "use e.g. nsa_init_blocks: 1")
+        if self.nsa_local_blocks < 1:
+            raise ConfigError("nsa_local_blocks", f"must be >= 1 (the current block is always selected), got "
+                              f"{self.nsa_local_blocks}", "use e.g. nsa_local_blocks: 2")
+        if self.nsa_init_blocks + self.nsa_local_blocks > n:
+            raise ConfigError("nsa_select_count", f"n={n} (layer {layer_idx}) must hold the forced init "
+                              f"({self.nsa_init_blocks}) + local ({self.nsa_local_blocks}) blocks",
+                              f"use nsa_select_count >= {self.nsa_init_blocks + self.nsa_local_blocks}")
+        if ls % self.nsa_query_group:
+            raise ConfigError("nsa_query_group", f"query group {self.nsa_query_group} must divide the selection block "
+                              f"{ls} (a group must not straddle a block boundary)", "use 1, 2, 4 or 8")
+        if self.nsa_compressor not in ("mean", "mlp"):
+            raise ConfigError("nsa_compressor", f"unknown compressor {self.nsa_compressor!r}", "use mean or mlp")
+        if not isinstance(self.window_cache_margin, int) or self.window_cache_margin < 0:
+            raise ConfigError("window_cache_margin", f"must be an integer >= 0, got {self.window_cache_margin!r}",
+                              "use e.g. 64")
 
 
 # Keywords a config may carry besides its own fields: what `PreTrainedConfig` itself consumes (from a config.json

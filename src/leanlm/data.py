@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
 import zlib
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -217,9 +220,6 @@ def _write_tokens(path: Path, docs, tokenizer, dtype, desc: str = "tokenize", wo
                     f.write(a.tobytes())
                     total += a.size
             return total
-        import multiprocessing as mp
-        from collections import deque
-        from concurrent.futures import ProcessPoolExecutor
 
         # fork: the workers start at once and share the parent's pages; they only run the Rust tokenizer
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,

@@ -19,6 +19,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
+from leanlm.data import prepare_data
+from leanlm.evals.perplexity import validation_perplexity
+from leanlm.inference import generate_text, load_model_and_tokenizer
+from leanlm.kvreport import cache_bytes, kv_report
+from leanlm.runconfig import load_run_config
+from leanlm.speculative.bench import run_bench
+from leanlm.speculative.c2t import C2T
+from leanlm.speculative.draft import EagleDraftHead
+from leanlm.speculative.prompts import encode_chat, load_prompts
+from leanlm.speculative.tree import Eagle2
+from leanlm.train import Trainer
+from leanlm.wisca import WiscaCallback
+
 
 def _banner(i: int, title: str) -> None:
     print(f"\n=== [{i}] {title} " + "=" * max(0, 60 - len(title)), flush=True)
@@ -29,11 +44,6 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts: int = 2,
              spec_tokens: int = 64) -> dict:
-    from leanlm.cli import generate_text, load_model_and_tokenizer, validation_perplexity
-    from leanlm.data import prepare_data
-    from leanlm.runconfig import load_run_config
-    from leanlm.train import Trainer
-
     t0 = time.perf_counter()
     # The demo owns its out_dir: each run starts from scratch there (train.overwrite replaces the previous demo run).
     overrides = [f"train.out_dir={out_dir}", "train.resume=never", "train.overwrite=true", "wisca.every=100"]
@@ -51,7 +61,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
 
     _banner(2, "train: tiny ASA model from scratch, with WISCA weight rescaling")
     t = time.perf_counter()
-    trainer = Trainer(run, data=data)
+    wisca_cb = WiscaCallback(run.wisca)  # the demo's overrides turn the wisca section on
+    trainer = Trainer(run, callbacks=[wisca_cb], data=data)
     cfg = trainer.model.config
     n_params = sum(p.numel() for p in trainer.model.parameters())
     roles = ", ".join(f"{i}: {cfg.asa_role(i)}" for i in range(cfg.num_hidden_layers))
@@ -60,7 +71,6 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
           f"{trainer.tokens_per_step:,} tokens ({run.data.seq_len} per sequence), AdamW + warm-up/cosine")
     first_val = trainer.evaluate()["val_ppl"]
     metrics = trainer.fit()
-    wisca_cb = trainer.callbacks[-1]
     print(f"WISCA: {len(wisca_cb.log)} output-preserving transitions (steps "
           f"{', '.join(str(r['step']) for r in wisca_cb.log)}), Q/K and V/O factors between "
           f"{min(r['factor_min'] for r in wisca_cb.log):.2f} and {max(r['factor_max'] for r in wisca_cb.log):.2f}, "
@@ -93,13 +103,6 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
 
 
 def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
-    from leanlm.cli import load_model_and_tokenizer
-    from leanlm.speculative.bench import run_bench
-    from leanlm.speculative.c2t import C2T
-    from leanlm.speculative.draft import EagleDraftHead
-    from leanlm.speculative.prompts import load_prompts
-    from leanlm.speculative.tree import Eagle2
-
     head_dir, clf_dir = ASSETS / "draft-smollm2", ASSETS / "c2t-smollm2"
     if not (head_dir / "model.safetensors").exists() or not (clf_dir / "model.safetensors").exists():
         print(f"skipped: {head_dir} or {clf_dir} is missing (see assets/README.md for the commands that build them)")
@@ -138,12 +141,6 @@ def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
 def _hf_generate_tokens_per_s(model, tokenizer, prompts: list[str], max_new_tokens: int) -> float:
     """Greedy tokens/s of transformers' own `model.generate` (dynamic cache, eager), decode time after the first
     token as in `run_bench`, so the two figures compare."""
-    import time
-
-    import torch
-
-    from leanlm.speculative.prompts import encode_chat
-
     tokens, seconds = 0, 0.0
     for prompt in prompts:
         ids = torch.tensor([encode_chat(tokenizer, prompt)])
@@ -160,10 +157,6 @@ def _hf_generate_tokens_per_s(model, tokenizer, prompts: list[str], max_new_toke
 
 
 def _kv_cache_step(model, tokenizer, text: str) -> dict:
-    import torch
-
-    from leanlm.kvreport import cache_bytes, kv_report
-
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values

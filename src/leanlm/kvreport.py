@@ -10,7 +10,7 @@ the stored length is not counted.
 
 from __future__ import annotations
 
-from leanlm.attention import ATTENTION_REGISTRY
+from leanlm.attention import ATTENTION_CLASSES
 from leanlm.config import LeanLMConfig
 
 VARIANTS = ("gqa", "mla", "gla", "nsa", "asa")
@@ -31,7 +31,7 @@ def parse_contexts(text: str) -> list[int]:
 
 def cache_bytes(config: LeanLMConfig, context: int, dtype_bytes: int = 2) -> int:
     """Bytes of the whole model's cache for one sequence of `context` tokens."""
-    return sum(ATTENTION_REGISTRY[kind].cache_bytes(config, i, context, dtype_bytes)
+    return sum(ATTENTION_CLASSES[kind].cache_bytes(config, i, context, dtype_bytes)
                for i, kind in enumerate(config.layer_attention))
 
 

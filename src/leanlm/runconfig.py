@@ -1,15 +1,19 @@
 """Run configuration: a YAML file with one section per part of a run, plus `--set section.key=value` overrides.
 
-    model:  LeanLMConfig fields (HF Llama names)      data:  DataConfig      train:  TrainConfig
+    model:  LeanLMConfig fields (HF Llama names)    data:  DataConfig    train:  TrainConfig    wisca:  WiscaConfig
 
-Other parts of leanlm add their own sections with `register_section` (e.g. `wisca`). Unknown sections or keys,
-and values of the wrong type, raise `ConfigError` naming the key and the fix before any work starts.
+`RunConfig` is the typed tree of those sections (torchtitan-style: each component owns its config dataclass; this
+module only composes them, with no registry). `build_run_config` validates a nested dict into one: unknown sections
+or keys, values of the wrong type and values that contradict another section raise `ConfigError` naming the key and
+the fix, before any work starts. `run_callbacks` turns the sections that plug into training (WISCA) into the
+trainer's callbacks, so the trainer itself knows only the `Callback` protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,46 +21,58 @@ from typing import Any
 
 import yaml
 
+from leanlm.callbacks import Callback
 from leanlm.config import LeanLMConfig
+from leanlm.data import DataConfig
 from leanlm.errors import ConfigError
-
-SECTIONS: dict[str, type] = {}
-
-
-def register_section(name: str, cls: type) -> None:
-    """Make dataclass `cls` the schema of the run-config section `name`."""
-    SECTIONS[name] = cls
-
-
-def _model_fields() -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(LeanLMConfig)
-            if f.name in LeanLMConfig.__annotations__}
+from leanlm.train import TrainConfig
+from leanlm.wisca import WiscaCallback, WiscaConfig
 
 
 @dataclass
 class RunConfig:
-    model: dict[str, Any]
-    sections: dict[str, Any] = field(default_factory=dict)
+    """One run: the model's fields (a dict, turned into `LeanLMConfig` by `model_config()`) and one dataclass per
+    other section."""
 
-    def __getattr__(self, name: str) -> Any:
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
-        raise AttributeError(name)
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wisca: WiscaConfig = field(default_factory=WiscaConfig)
 
     def model_config(self) -> LeanLMConfig:
         return LeanLMConfig(**self.model)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dict(self.model), **{k: dataclasses.asdict(v) for k, v in self.sections.items()}}
+        return {"model": dict(self.model), **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
+
+
+# The sections besides `model`, in file order, with their dataclasses (read from RunConfig's own fields).
+SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(RunConfig).items() if name != "model"}
+
+
+def run_callbacks(run: RunConfig) -> list[Callback]:
+    """The training callbacks the run config asks for: WISCA's when its section is on."""
+    return [WiscaCallback(run.wisca)] if run.wisca.enabled else []
+
+
+# LeanLMConfig writes its annotations as strings of these parts (`int | None`, `str | list[str]`, ...).
+_MODEL_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "list[int]": list,
+                "list[str]": list}
+
+
+def _model_fields() -> dict[str, Any]:
+    """Each model field's annotation as a type (a union where the annotation names several)."""
+    out = {}
+    for name, text in LeanLMConfig.__annotations__.items():
+        parts = tuple(_MODEL_TYPES[p.strip()] for p in str(text).split("|"))
+        out[name] = parts[0] if len(parts) == 1 else typing.Union[parts]
+    return out
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a simple type annotation (int, float, bool, str, Optional, unions)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing, "Any": Any})  # annotations are postponed strings
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
             try:
                 return _coerce(key, value, arg)
@@ -98,14 +114,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 def build_run_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a nested dict (as read from YAML) into a RunConfig."""
-    from leanlm import train as _train  # noqa: F401  (registers the train/data sections)
-    from leanlm import wisca as _wisca  # noqa: F401  (registers the wisca section)
-
     raw = dict(raw or {})
     unknown = set(raw) - {"model"} - set(SECTIONS)
     if unknown:
         raise ConfigError(str(sorted(map(str, unknown))[0]), "unknown config section",
-                          f"use one of {['model'] + sorted(SECTIONS)}")
+                          f"use one of {['model'] + list(SECTIONS)}")
     for name, section in raw.items():
         _check_mapping(name, section)
     model_fields = _model_fields()
@@ -113,20 +126,21 @@ def build_run_config(raw: dict[str, Any]) -> RunConfig:
     for key, value in model.items():
         if key not in model_fields:
             raise ConfigError(f"model.{key}", "unknown model field", f"use one of {sorted(model_fields)}")
-        model[key] = _coerce(f"model.{key}", value, model_fields[key].type)
+        model[key] = _coerce(f"model.{key}", value, model_fields[key])
     sections = {}
     for name, cls in SECTIONS.items():
         values = dict(raw.get(name) or {})
-        fields_ = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
         for key, value in values.items():
-            if key not in fields_:
-                raise ConfigError(f"{name}.{key}", "unknown field", f"use one of {sorted(fields_)}")
-            values[key] = _coerce(f"{name}.{key}", value, fields_[key].type)
+            if key not in names:
+                raise ConfigError(f"{name}.{key}", "unknown field", f"use one of {sorted(names)}")
+            values[key] = _coerce(f"{name}.{key}", value, hints[key])
         obj = cls(**values)
         if hasattr(obj, "check"):
             obj.check()
         sections[name] = obj
-    run = RunConfig(model=model, sections=sections)
+    run = RunConfig(model=model, **sections)
     _check_across_sections(run, run.model_config())  # model_config() validates the model section
     return run
 
@@ -141,12 +155,14 @@ def _check_mapping(name: str, section: Any) -> None:
 
 
 def _check_across_sections(run: RunConfig, model: LeanLMConfig) -> None:
-    """Checks that need two sections: the training sequence must fit the model's context, and a sparse layer's
+    """Checks that need two sections: WISCA needs whole matrices (no FSDP), the training sequence must fit the
+    model's context, and a sparse layer's
     sliding window must fit the training sequence (a larger window never slides, so NSA/ASA's sparse branches
     would train as full attention)."""
-    data = run.sections.get("data")
-    if data is None:
-        return
+    data = run.data
+    if run.wisca.enabled and run.train.fsdp:
+        raise ConfigError("wisca", "WISCA rescales whole weight matrices in place, which FSDP shards",
+                          "train with DDP (train.fsdp: false) when wisca is on")
     if data.seq_len > model.max_position_embeddings:
         raise ConfigError("data.seq_len", f"{data.seq_len} is longer than the model's context "
                           f"max_position_embeddings={model.max_position_embeddings}",

@@ -3,11 +3,11 @@ exact resume, callbacks, and data parallelism (DDP, or FSDP2 `fully_shard`) unde
 
 The loop is built from small parts, in the spirit of torchtitan:
 
-- `build_optimizer`, `lr_lambda`                       optimizer and schedule
+- `build_optimizer`, `lr_lambda` (leanlm.schedule)     optimizer and schedule
 - `Trainer.train_step`                                 one optimizer step over the global batch
 - `Trainer.evaluate`                                   validation loss / perplexity
 - `Trainer.save` / `Trainer.resume`                    atomic checkpoints, exact resume
-- `Callback`                                           hooks at step boundaries (WISCA plugs in here)
+- `Callback` (leanlm.callbacks)                        hooks at step boundaries (WISCA plugs in here)
 
 Exact resume: a checkpoint stores model, optimizer, scheduler, every RNG state and the global sample counter
 (the data order is a pure function of it, see `leanlm.data.SampleOrder`), so a run killed with SIGKILL and resumed
@@ -24,13 +24,14 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -38,13 +39,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from leanlm.callbacks import Callback
 from leanlm.checkpoint import (atomic_write_text, check_checkpoint, list_checkpoints, load_tensors, load_trainer_state,
                                read_json_object, remove_stale_temporaries, save_checkpoint)
+from leanlm.config import LeanLMConfig
 from leanlm.data import DataConfig, PreparedData, SampleOrder, TokenWindows, prepare_data
 from leanlm.errors import CheckpointError, ConfigError, LeanLMError, TrainingError
+from leanlm.evals.perplexity import windows_loss
 from leanlm.lock import OutDirLock
 from leanlm.model import LeanLMForCausalLM
-from leanlm.runconfig import RunConfig, register_section
+from leanlm.plots import plot_loss_curves
+from leanlm.schedule import lr_lambda
+
+if TYPE_CHECKING:
+    from leanlm.runconfig import RunConfig
 
 
 @dataclass
@@ -114,40 +122,6 @@ class TrainConfig:
                               f"{self.resume!r}", "drop train.overwrite, or set train.resume=never")
 
 
-register_section("data", DataConfig)
-register_section("train", TrainConfig)
-
-
-class Callback:
-    """Hooks called by `Trainer` at step boundaries. Override what you need."""
-
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-
-    def on_step_end(self, trainer: "Trainer", step: int) -> None:
-        """After optimizer.step() of step `step` (1-based count of finished steps), before the next forward."""
-
-    def on_eval(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_train_end(self, trainer: "Trainer") -> None: ...
-
-    def isolated_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        """Parameters that need an optimizer param group of their own (e.g. for per-tensor learning rates)."""
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool,
                     isolated: Iterable[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norms, biases or 1-D parameters). Parameters in `isolated`
@@ -190,21 +164,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Trains a `LeanLMForCausalLM` described by a `RunConfig`. Call `fit()`."""
+    """Trains a `LeanLMForCausalLM` described by a `RunConfig` (its model, data and train sections). Call `fit()`.
+    `callbacks` run at step boundaries; the trainer knows nothing of what they do (WISCA is one, see
+    `leanlm.runconfig.run_callbacks`)."""
 
-    def __init__(self, run: RunConfig, callbacks: Iterable[Callback] = (), data: PreparedData | None = None):
+    def __init__(self, run: "RunConfig", callbacks: Iterable[Callback] = (), data: PreparedData | None = None):
         self.run = run
         self.cfg: TrainConfig = run.train
         self.data_cfg: DataConfig = run.data
-        self.callbacks = list(callbacks)
-        wisca_cfg = run.sections.get("wisca")
-        if wisca_cfg is not None and wisca_cfg.enabled:
-            from leanlm.wisca import WiscaCallback
-
-            if run.train.fsdp:
-                raise ConfigError("wisca", "WISCA rescales whole weight matrices in place, which FSDP shards",
-                                  "train with DDP (train.fsdp: false) when wisca is on")
-            self.callbacks.append(WiscaCallback(wisca_cfg))
+        self.callbacks = list(callbacks)  # e.g. `leanlm.runconfig.run_callbacks(run)`: WISCA plugs in here
         self.model_config = run.model_config()
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.rank = int(os.environ.get("RANK", "0"))
@@ -357,7 +325,6 @@ class Trainer:
 
     def _check_same_model(self, saved: dict[str, Any], path: Path) -> None:
         """One line naming the model fields that differ between the checkpoint and this run."""
-        from leanlm.config import LeanLMConfig
 
         try:
             before = LeanLMConfig(**saved).to_dict()
@@ -385,7 +352,6 @@ class Trainer:
     def _prepare_out_dir(self) -> None:
         """Rank 0, at the start of fit(): apply the out_dir plan (clear a replaced run, move corrupt checkpoints
         aside so nothing is lost) and clean up half-written temporaries."""
-        import shutil
 
         if self._clear_out_dir:
             for _, path in list_checkpoints(self.ckpt_dir):
@@ -472,24 +438,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity over `eval_batches` batches spread evenly over the validation split."""
+        """Validation loss and perplexity over `eval_batches` batches spread evenly over the validation split (the
+        loop of `leanlm.evals.perplexity.windows_loss`, each rank a share, then summed over ranks)."""
         self.wrapped.eval()
         picks = self.val_windows.spread(self.cfg.eval_batches * self.cfg.batch_size)
-        mine = picks[self.rank :: self.world]
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
-        bs = self.cfg.batch_size
-        steps = math.ceil(len(picks) / self.world / bs)  # equal on all ranks (FSDP needs every rank in each forward)
-        for i in range(steps):
-            chunk = mine[i * bs : (i + 1) * bs]
-            if len(chunk) == 0:
-                chunk = picks[:1]
-                weight = 0.0
-            else:
-                weight = float(len(chunk))
-            loss = self._forward_loss(self.val_windows.batch(chunk))
-            loss_sum += loss.double() * weight
-            count += weight
+        steps = math.ceil(len(picks) / self.world / self.cfg.batch_size)  # equal on all ranks (FSDP)
+        loss_sum, count = windows_loss(self.wrapped, self.val_windows, picks[self.rank :: self.world],
+                                       self.cfg.batch_size, self.device, steps=steps, filler=picks[:1],
+                                       autocast_dtype=self.autocast_dtype)
         if self.distributed:
             dist.all_reduce(loss_sum)
             dist.all_reduce(count)
@@ -583,7 +539,6 @@ class Trainer:
         """Loss curves (train and validation against step) as `loss.png` in out_dir."""
         if self.rank != 0:
             return None
-        from leanlm.plots import plot_loss_curves
 
         return plot_loss_curves(self.history, self.out_dir / "loss.png", title=self.out_dir.name)
 

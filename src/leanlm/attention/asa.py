@@ -23,18 +23,12 @@ import torch
 from torch import nn
 
 from leanlm.attention.base import require_unpadded
-from leanlm.attention.latent import LatentAttention, LatentState, check_latent_config
-from leanlm.attention.nsa import SparseBranches, SparseLayerState, check_sparse_config, mix_branches
-from leanlm.attention.registry import register_attention
+from leanlm.attention.latent import LatentAttention, LatentState
+from leanlm.attention.nsa import SparseBranches, SparseLayerState, mix_branches
 from leanlm.cache import LeanCache
-from leanlm.errors import ConfigError
 from leanlm.rope import Positions
 
-ROLES = ("local", "global", "both")
-PATTERNS = ("alternate", "alternate_global_first", "nsa")
 
-
-@register_attention("asa")
 class AlternatingSparseAttention(LatentAttention):
     """One ASA layer; `config.asa_role(layer_idx)` decides whether it is local (MLA, window), global (GLA,
     compression + selection) or both (GLA, all three branches)."""
@@ -50,26 +44,9 @@ class AlternatingSparseAttention(LatentAttention):
         lat = self.latent
         self.sparse = SparseBranches(config, layer_idx, lat.latent_dim + lat.rope_dim, lat.latent_dim, lat.groups,
                                      branches, value_prefix=lat.latent_dim)
-        lat.rope_key_compressed_nonlinearly = self.sparse.mlp  # tells WISCA to leave the RoPE key's scale alone
+        lat.keys_compressed_nonlinearly = self.sparse.mlp  # the RoPE key feeds the MLP compressor too
         self.gate_proj = nn.Linear(config.hidden_size, len(branches) * config.num_attention_heads) \
             if config.nsa_gates else None
-
-    @classmethod
-    def check_config(cls, config, layer_idx: int) -> None:
-        p = config.asa_pattern
-        if isinstance(p, list):
-            if len(p) != config.num_hidden_layers or any(r not in ROLES for r in p):
-                raise ConfigError("asa_pattern", f"an explicit pattern needs {config.num_hidden_layers} entries from "
-                                  f"{list(ROLES)}, got {p!r}", "or use one of " + ", ".join(PATTERNS))
-        elif p not in PATTERNS:
-            raise ConfigError("asa_pattern", f"unknown pattern {p!r}", "use one of " + ", ".join(PATTERNS) +
-                              ", or a list with local/global/both per layer")
-        check_sparse_config(config, layer_idx)
-        if config.asa_role(layer_idx) == "local":
-            check_latent_config(config, layer_idx, 1, config.kv_lora_rank or 0, "kv_lora_rank", "kv_lora_rank")
-        else:
-            check_latent_config(config, layer_idx, config.gla_latent_heads or 0, config.gla_kv_lora_rank or 0,
-                                "gla_kv_lora_rank", "gla_latent_heads")
 
     @classmethod
     def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
@@ -100,9 +77,8 @@ class AlternatingSparseAttention(LatentAttention):
             c, k_rope, _ = st.kv.append(c, k_rope)  # [B, g, S, d_c], [B, 1, S, d_r]
             state = st.sparse
         s, t = c.shape[2], x.shape[1]
-        q_pos = torch.arange(s - t, s, device=x.device)
         q_bar = lat.absorbed_query(q_nope, q_rope)  # [B, H, T, d_c + d_r]
         # keys K̄ = [c ; k_r] passed as parts: the decode kernels read the latent cache in place
-        outs = self.sparse(q_bar, (c, k_rope), c, q_pos, 0, state, lat.scale)  # each [B, H, T, d_c]
+        outs = self.sparse(q_bar, (c, k_rope), c, s - t, 0, state, lat.scale)  # each [B, H, T, d_c]
         o_lat = mix_branches(outs, self.gate_proj(x) if self.gate_proj is not None else None)
         return lat.output(lat.values_up(o_lat))

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class Attention(nn.Module):
-    """Base class of an attention kind. Subclasses register themselves with `@register_attention("name")`.
+    """Base class of an attention kind. Each kind is listed once in `leanlm.attention.ATTENTION_CLASSES`.
 
     `forward(x, positions, cache, attention_mask)`:
       x              [B, T, C]  hidden states of the new tokens
@@ -31,10 +31,6 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-
-    @classmethod
-    def check_config(cls, config: "LeanLMConfig", layer_idx: int) -> None:
-        """Raise `ConfigError` if `config` cannot work for this kind at `layer_idx`."""
 
     @classmethod
     def cache_bytes(cls, config: "LeanLMConfig", layer_idx: int, context: int, dtype_bytes: int = 2) -> int:

@@ -5,19 +5,12 @@ gla_kv_lora_rank + qk_rope_head_dim numbers. The maths is in `leanlm.attention.l
 
 from __future__ import annotations
 
-from leanlm.attention.latent import LatentAttention, check_latent_config
-from leanlm.attention.registry import register_attention
+from leanlm.attention.latent import LatentAttention
 
 
-@register_attention("gla")
 class GroupedLatentAttention(LatentAttention):
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx, config.gla_latent_heads, config.gla_kv_lora_rank)
-
-    @classmethod
-    def check_config(cls, config, layer_idx: int) -> None:
-        check_latent_config(config, layer_idx, config.gla_latent_heads or 0, config.gla_kv_lora_rank or 0,
-                            "gla_kv_lora_rank", "gla_latent_heads")
 
     @classmethod
     def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.attention.base import Attention, tree_or_causal_mask
-from leanlm.attention.registry import register_attention
 from leanlm.cache import GrowingBuffer, LeanCache
 from leanlm.rope import Positions, apply_rope
 
@@ -46,7 +45,6 @@ class KVState:
         return self.k.nbytes() + self.v.nbytes()
 
 
-@register_attention("gqa")
 class GroupedQueryAttention(Attention):
     """Llama attention: q/k/v/o projections (names as in HF so peft and WISCA find them), RoPE, SDPA."""
 

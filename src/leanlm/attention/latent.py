@@ -23,6 +23,7 @@ from torch import nn
 from leanlm.attention.base import Attention, require_unpadded, tree_or_causal_mask
 from leanlm.attention.sparse import window_mask
 from leanlm.cache import GrowingBuffer, LeanCache, WindowBuffer
+from leanlm.kernels.dispatch import use_kernels
 from leanlm.rope import Positions, apply_rope
 
 
@@ -204,34 +205,8 @@ def use_absorbed(mode: str, new_tokens: int, past: int) -> bool:
     return mode == "always"
 
 
-def check_latent_config(config, layer_idx: int, latent_heads: int, latent_dim: int, rank_field: str,
-                        heads_field: str) -> None:
-    """Shared config checks of MLA/GLA layers."""
-    from leanlm.errors import ConfigError
-
-    for name in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", rank_field, heads_field):
-        v = getattr(config, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(name, f"must be a positive integer, got {v!r}", f"set {name} to an integer > 0")
-    if config.qk_rope_head_dim % 2:
-        raise ConfigError("qk_rope_head_dim", f"RoPE rotates channel pairs, got odd {config.qk_rope_head_dim}",
-                          "use an even qk_rope_head_dim")
-    if config.q_lora_rank is not None and (not isinstance(config.q_lora_rank, int) or config.q_lora_rank <= 0):
-        raise ConfigError("q_lora_rank", f"must be a positive integer or null, got {config.q_lora_rank!r}",
-                          "set q_lora_rank: null for an uncompressed query")
-    if latent_dim % latent_heads:
-        raise ConfigError(rank_field, f"latent width {latent_dim} is not divisible by {heads_field}={latent_heads}",
-                          f"choose {rank_field} as a multiple of {heads_field}")
-    if config.num_attention_heads % latent_heads:
-        raise ConfigError(heads_field, f"num_attention_heads={config.num_attention_heads} is not divisible by "
-                          f"{heads_field}={latent_heads}", "choose a divisor of num_attention_heads")
-    if config.latent_absorb not in ("auto", "always", "never"):
-        raise ConfigError("latent_absorb", f"unknown value {config.latent_absorb!r}", "use auto, always or never")
-
-
 def _kernels_apply(config, x: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float) -> bool:
     """The Triton paths cover unmasked causal/window attention without dropout."""
-    from leanlm.kernels.dispatch import use_kernels
 
     return attention_mask is None and dropout == 0.0 and use_kernels(x.device, config.attention_kernels)
 
@@ -262,28 +237,24 @@ class LatentAttention(Attention):
 
     def _attend_kernels(self, q_nope, q_rope, c, k_rope, past: int, first: int,
                         attention_mask: torch.Tensor | None, dropout: float) -> torch.Tensor | None:
-        """Triton paths (None when they do not apply): one-token decoding runs the split-K latent decode kernel
-        over the cache in place (absorbed); a sliding-window layer's training/prefill runs the banded kernel on the
-        expanded keys. Full causal prefill stays with SDPA (FlashAttention on GPU)."""
-        t = q_nope.shape[2]
+        """Triton paths (None when they do not apply), through the branch ops NSA uses: one-token decoding runs the
+        split-K latent decode kernel over the cache in place (absorbed; a full layer is a window wider than the
+        context); a sliding-window layer's training/prefill runs the banded kernel on the expanded keys. Full
+        causal prefill stays with SDPA (FlashAttention on GPU)."""
         if not _kernels_apply(self.config, q_nope, attention_mask, dropout):
             return None
+        from leanlm.kernels import branches, decode_branches  # Triton: imported only where the kernels run
+
         lat = self.latent
-        if t == 1 and past > 0 and self.config.latent_absorb != "never":
-            from leanlm.kernels.decode import latent_decode
-
-            q_bar = lat.absorbed_query(q_nope, q_rope)[:, :, 0]  # [B, H, d_c + d_r]
-            s = c.shape[2]
-            lo = max(0, past - self.window + 1 - first) if self.window else 0
-            o_lat, _ = latent_decode(q_bar[..., : lat.latent_dim], q_bar[..., lat.latent_dim:], c, k_rope,
-                                     lat.scale, lo=lo, hi=s)
-            return lat.values_up(o_lat[:, :, None])  # [B, H, 1, d_v]
+        if q_nope.shape[2] == 1 and past > 0 and self.config.latent_absorb != "never":
+            q_bar = lat.absorbed_query(q_nope, q_rope)  # [B, H, 1, d_c + d_r]
+            window = self.window or past + 1
+            return lat.values_up(decode_branches.window_attention(q_bar, (c, k_rope), c, past, first, window,
+                                                                  lat.scale))  # [B, H, 1, d_v]
         if self.window and self.config.latent_absorb != "always":
-            from leanlm.kernels.banded import window_attention
-
             k, v = lat.expand(c, k_rope)  # [B, H, S, d_nope + d_r], [B, H, S, d_v]
             q = torch.cat([q_nope, q_rope], dim=-1)
-            return window_attention(q, k, v, past, first, self.window, lat.scale)
+            return branches.window_attention(q, k, v, past, first, self.window, lat.scale)
         return None
 
     def forward(self, x: torch.Tensor, positions: Positions, cache: LeanCache | None,

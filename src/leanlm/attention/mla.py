@@ -4,18 +4,12 @@ The maths is in `leanlm.attention.latent` (MLA is latent attention with a single
 
 from __future__ import annotations
 
-from leanlm.attention.latent import LatentAttention, check_latent_config
-from leanlm.attention.registry import register_attention
+from leanlm.attention.latent import LatentAttention
 
 
-@register_attention("mla")
 class MultiHeadLatentAttention(LatentAttention):
     def __init__(self, config, layer_idx: int, window: int | None = None, gate: bool = False):
         super().__init__(config, layer_idx, 1, config.kv_lora_rank, window=window, gate=gate)
-
-    @classmethod
-    def check_config(cls, config, layer_idx: int) -> None:
-        check_latent_config(config, layer_idx, 1, config.kv_lora_rank or 0, "kv_lora_rank", "kv_lora_rank")
 
     @classmethod
     def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:

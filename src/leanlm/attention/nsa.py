@@ -15,13 +15,11 @@ import math
 import torch
 from torch import nn
 
-from leanlm.attention import sparse as ops
+import leanlm.attention.sparse as ops
 from leanlm.attention.base import require_unpadded
 from leanlm.attention.gqa import GroupedQueryAttention, KVState
 from leanlm.attention.latent import LatentProjections
-from leanlm.attention.registry import register_attention
 from leanlm.cache import GrowingBuffer, LeanCache, WindowBuffer
-from leanlm.errors import ConfigError
 from leanlm.kernels.dispatch import use_kernels
 from leanlm.rope import Positions
 
@@ -53,23 +51,23 @@ class SparseState:
         self.query_group = query_group
         self.kc = GrowingBuffer()
         self.vc = GrowingBuffer() if compressed_values else None
-        self.quads = WindowBuffer(2, math.ceil(margin / query_group)) if query_group > 1 else None
+        self.group_blocks = WindowBuffer(2, math.ceil(margin / query_group)) if query_group > 1 else None
 
     def crop(self, length: int, block: int, stride: int) -> None:
         m = ops.num_compressed_blocks(length, block, stride)
         self.kc.crop(m)
         if self.vc is not None:
             self.vc.crop(m)
-        if self.quads is not None:
-            self.quads.crop(math.ceil(length / self.query_group))
+        if self.group_blocks is not None:
+            self.group_blocks.crop(math.ceil(length / self.query_group))
 
     def select(self, index: torch.Tensor) -> None:
-        for buf in (self.kc, self.vc, self.quads):
+        for buf in (self.kc, self.vc, self.group_blocks):
             if buf is not None:
                 buf.select(index)
 
     def nbytes(self) -> int:
-        return sum(buf.nbytes() for buf in (self.kc, self.vc, self.quads) if buf is not None)
+        return sum(buf.nbytes() for buf in (self.kc, self.vc, self.group_blocks) if buf is not None)
 
 
 class SparseLayerState:
@@ -155,82 +153,47 @@ class SparseBranches(nn.Module):
         if state is None:
             table, first = new, q_start // qg
         else:
-            table, first = state.quads.append(new.to(torch.int32))
+            table, first = state.group_blocks.append(new.to(torch.int32))
         return table[:, :, q_pos // qg - first].long()
 
-    def _use_kernels(self, q: torch.Tensor, k_start: int) -> bool:
-        return k_start == 0 and use_kernels(q.device, self.kernels)
+    def _ops(self, q: torch.Tensor, k, k_start: int):
+        """The branch operations to run (one signature, see `leanlm.attention.sparse`): the PyTorch references, the
+        Triton kernels, or, for one query token over latent parts with the latents as values, the split-K latent
+        decode kernels reading the cache in place."""
+        if k_start != 0 or not use_kernels(q.device, self.kernels):
+            return ops
+        from leanlm.kernels import branches, decode_branches  # Triton: imported only where the kernels run
 
-    def forward(self, q: torch.Tensor, k, v: torch.Tensor, q_pos: torch.Tensor, k_start: int,
-                state: SparseState | None, scale: float) -> dict[str, torch.Tensor]:
-        """q [B, H, T, Dk], k [B, G, S, Dk], v [B, G, S, Dv] (keys from position `k_start`; the compression and
-        selection branches need `k_start == 0`), q_pos [T] (contiguous positions). Returns {branch: [B, H, T, Dv]}.
+        if isinstance(k, tuple) and q.shape[2] == 1 and self.value_prefix is not None:
+            return decode_branches
+        return branches
+
+    def forward(self, q: torch.Tensor, k, v: torch.Tensor, q_start: int, k_start: int, state: SparseState | None,
+                scale: float) -> dict[str, torch.Tensor]:
+        """q [B, H, T, Dk] at positions q_start.., k [B, G, S, Dk] and v [B, G, S, Dv] from position `k_start` (the
+        compression and selection branches need `k_start == 0`). Returns {branch: [B, H, T, Dv]}.
 
         `k` may also be latent parts (c [B, G, S, d_c], k_r [B, 1, S, d_r]) standing for K̄ = [c ; k_r] (ASA's
         absorbed GLA keys): the decode kernels read them in place, the other paths concatenate them."""
-        if self._use_kernels(q, k_start):
-            return self._forward_kernels(q, k, v, q_pos, state, scale)
-        k = _full_keys(k)
+        run = self._ops(q, k, k_start)
+        keys = k if run.LATENT_PARTS else _full_keys(k)
+        q_pos = torch.arange(q_start, q_start + q.shape[2], device=q.device)  # [T]
         out: dict[str, torch.Tensor] = {}
         if "cmp" in self.branches or "slc" in self.branches:
             kc, vc = self._compressed(k, v, state)
-            o_cmp, probs = ops.compression_attention(q, kc, vc, q_pos, self.block, self.stride, scale)
+            o_cmp, lse = run.compression_attention(q, kc, vc, q_start, self.block, self.stride, scale)
             if "cmp" in self.branches:
                 out["cmp"] = o_cmp
             if "slc" in self.branches:
-                args = (self.groups, self.count, self.block, self.stride, self.sel_block, self.init_blocks,
-                        self.local_blocks)
-                idx = self._selection(lambda rows: ops.select_blocks(probs[:, :, rows], q_pos[rows], *args),
-                                      q_pos, k.shape[2] - q.shape[2], state)
-                out["slc"] = ops.selection_attention(q, k, v, idx, q_pos, k_start, self.sel_block, scale)
-        if "win" in self.branches:
-            out["win"] = ops.window_attention(q, k, v, q_pos, k_start, self.window, scale)
-        return out
-
-    def _forward_kernels(self, q, k, v, q_pos, state, scale) -> dict[str, torch.Tensor]:
-        """The same branches through `leanlm.kernels` (Triton): banded attention for compression and window,
-        on-device top-n, group-shared selection; one-token decoding over latent parts uses the split-K kernels."""
-        from leanlm.kernels import banded, decode, selection, topk
-
-        t, s = q.shape[2], _key_length(k)
-        q_start = s - t
-        decoding = isinstance(k, tuple) and t == 1 and self.value_prefix is not None  # values = the latents' prefix
-        if decoding:
-            dc = k[0].shape[-1]
-            q_lat, q_rope = q[:, :, 0, :dc], q[:, :, 0, dc:]  # [B, H, d_c], [B, H, d_r]
-        else:
-            k = _full_keys(k)
-        out: dict[str, torch.Tensor] = {}
-        if "cmp" in self.branches or "slc" in self.branches:
-            kc, vc = self._compressed(k, v, state)
-            if decoding:
-                o_cmp, lse = decode.latent_decode(q_lat, q_rope, kc[..., :dc], kc[..., dc:], scale)
-                o_cmp, lse = o_cmp[:, :, None], lse[:, :, None]  # [B, H, 1, d_c], [B, H, 1]
-            else:
-                o_cmp, lse = banded.compression_attention(q, kc, vc, q_start, self.block, self.stride, scale)
-            if "cmp" in self.branches:
-                out["cmp"] = o_cmp
-            if "slc" in self.branches:
-                def select(rows):
-                    return topk.select_blocks(q[:, :, rows], kc, lse[:, :, rows], q_pos[rows], self.count,
-                                              self.block, self.stride, self.sel_block, self.init_blocks,
-                                              self.local_blocks, scale)
+                def select(rows):  # the top-n blocks [B, G, R, n] of the query rows `rows`
+                    return run.select_blocks(q[:, :, rows], kc, lse[:, :, rows], q_pos[rows], self.count, self.block,
+                                             self.stride, self.sel_block, self.init_blocks, self.local_blocks, scale)
 
                 idx = self._selection(select, q_pos, q_start, state)  # [B, G, T, n]
-                if decoding:
-                    o, _ = decode.latent_decode(q_lat, q_rope, k[0], k[1], scale, blocks=idx[:, :, 0],
-                                                block=self.sel_block)
-                    out["slc"] = o[:, :, None]
-                else:
-                    out["slc"] = selection.selection_attention(q, k, v, idx, q_start, 0, self.sel_block, scale,
-                                                               self.query_group)
+                out["slc"] = run.selection_attention(q, keys, v, idx, q_start, k_start, self.sel_block, scale,
+                                                     self.query_group)
         if "win" in self.branches:
-            if decoding:
-                lo = max(0, s - self.window)
-                o, _ = decode.latent_decode(q_lat, q_rope, k[0], k[1], scale, lo=lo)
-                out["win"] = o[:, :, None]
-            else:
-                out["win"] = banded.window_attention(q, k, v, q_start, 0, self.window, scale)
+            out["win"] = run.window_attention(q, keys, v, q_start, k_start, self.window, scale)
         return out
 
     @staticmethod
@@ -246,51 +209,6 @@ class SparseBranches(nn.Module):
         return total
 
 
-def check_sparse_config(config, layer_idx: int) -> None:
-    """Config checks shared by NSA and ASA's global layers."""
-    l, d, ls = config.nsa_compress_block, config.nsa_compress_stride, config.nsa_select_block
-    for name in ("nsa_compress_block", "nsa_compress_stride", "nsa_select_block", "nsa_window", "nsa_query_group"):
-        v = getattr(config, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(name, f"must be a positive integer, got {v!r}", f"set {name} to an integer > 0")
-    n = config.nsa_select_count
-    if isinstance(n, list) and len(n) != config.num_hidden_layers:
-        raise ConfigError("nsa_select_count", f"lists {len(n)} counts for {config.num_hidden_layers} layers",
-                          "give one count per layer, or a single count")
-    n = config.select_count(layer_idx)
-    if not isinstance(n, int) or n <= 0:
-        raise ConfigError("nsa_select_count", f"must be a positive integer, got {n!r}", "use e.g. 16")
-    if l % d or ls % d:
-        raise ConfigError("nsa_compress_stride", f"stride d={d} must divide the compression block l={l} and the "
-                          f"selection block l'={ls} (NSA's d | l, d | l')", "use e.g. l=32, d=16, l'=64")
-    if config.nsa_window % ls:
-        raise ConfigError("nsa_window", f"window {config.nsa_window} is not a multiple of the selection block "
-                          f"nsa_select_block={ls}", f"use a multiple of {ls}, e.g. {max(ls, config.nsa_window // ls * ls)}")
-    blocks = math.ceil(config.max_position_embeddings / ls)
-    if n > blocks:
-        raise ConfigError("nsa_select_count", f"top-n={n} (layer {layer_idx}) is more than the {blocks} blocks of "
-                          f"{ls} tokens at the configured context max_position_embeddings="
-                          f"{config.max_position_embeddings}", f"use nsa_select_count <= {blocks}")
-    if config.nsa_init_blocks < 0:
-        raise ConfigError("nsa_init_blocks", f"must be >= 0 (always-selected first blocks), got {config.nsa_init_blocks}",
-                          "use e.g. nsa_init_blocks: 1")
-    if config.nsa_local_blocks < 1:
-        raise ConfigError("nsa_local_blocks", f"must be >= 1 (the current block is always selected), got "
-                          f"{config.nsa_local_blocks}", "use e.g. nsa_local_blocks: 2")
-    if config.nsa_init_blocks + config.nsa_local_blocks > n:
-        raise ConfigError("nsa_select_count", f"n={n} (layer {layer_idx}) must hold the forced init "
-                          f"({config.nsa_init_blocks}) + local ({config.nsa_local_blocks}) blocks",
-                          f"use nsa_select_count >= {config.nsa_init_blocks + config.nsa_local_blocks}")
-    if ls % config.nsa_query_group:
-        raise ConfigError("nsa_query_group", f"query group {config.nsa_query_group} must divide the selection block "
-                          f"{ls} (a group must not straddle a block boundary)", "use 1, 2, 4 or 8")
-    if config.nsa_compressor not in ("mean", "mlp"):
-        raise ConfigError("nsa_compressor", f"unknown compressor {config.nsa_compressor!r}", "use mean or mlp")
-    if not isinstance(config.window_cache_margin, int) or config.window_cache_margin < 0:
-        raise ConfigError("window_cache_margin", f"must be an integer >= 0, got {config.window_cache_margin!r}",
-                          "use e.g. 64")
-
-
 def mix_branches(outs: dict[str, torch.Tensor], gates: torch.Tensor | None) -> torch.Tensor:
     """Σ_b g_b * o_b with gates [B, T, nb * H] (branch-major) or a plain sum without gates."""
     names = list(outs)
@@ -301,7 +219,6 @@ def mix_branches(outs: dict[str, torch.Tensor], gates: torch.Tensor | None) -> t
     return sum(g[i] * outs[n] for i, n in enumerate(names))
 
 
-@register_attention("nsa")
 class NativeSparseAttention(GroupedQueryAttention):
     """NSA on GQA projections (q/k/v/o as in Llama, inherited): compression + selection + sliding window, gated."""
 
@@ -311,15 +228,11 @@ class NativeSparseAttention(GroupedQueryAttention):
         self.gate_proj = nn.Linear(c, len(BRANCHES) * self.num_heads) if config.nsa_gates else None
         self.sparse = SparseBranches(config, layer_idx, self.head_dim, self.head_dim, self.num_kv_heads, BRANCHES)
 
-    @classmethod
-    def check_config(cls, config, layer_idx: int) -> None:
-        check_sparse_config(config, layer_idx)
-
-    def wisca_unsupported(self) -> str | None:
-        """Why WISCA cannot rescale this layer exactly (None: it can, like GQA, since mean pooling is linear)."""
-        if self.sparse.mlp:
-            return "NSA with the MLP compressor: rescaled keys/values would change the compressed blocks"
-        return None
+    @property
+    def keys_compressed_nonlinearly(self) -> bool:
+        """Whether the keys and values also feed a nonlinear map (the MLP compressor); mean pooling is linear.
+        Tools that rescale the projections (WISCA) read this: a nonlinear compressor breaks output preservation."""
+        return self.sparse.mlp
 
     @classmethod
     def cache_bytes(cls, config, layer_idx: int, context: int, dtype_bytes: int = 2) -> int:
@@ -341,6 +254,5 @@ class NativeSparseAttention(GroupedQueryAttention):
             k, v = st.kv.append(k, v)  # [B, Hkv, S, D]
             state = st.sparse
         s = k.shape[2]
-        q_pos = torch.arange(s - t, s, device=x.device)
-        outs = self.sparse(q, k, v, q_pos, 0, state, self.head_dim ** -0.5)
+        outs = self.sparse(q, k, v, s - t, 0, state, self.head_dim ** -0.5)
         return self.output(mix_branches(outs, self.gate_proj(x) if self.gate_proj is not None else None))

@@ -1,7 +1,12 @@
 """Native Sparse Attention's three branches as plain-PyTorch reference operations.
 
-These define the semantics; the Triton kernels (`leanlm.kernels`) are tested against them. All work in "KV group"
-form: queries q [B, H, T, Dk], keys k [B, G, S, Dk] and values v [B, G, S, Dv], where query head h belongs to group
+These define the semantics; the Triton kernels (`leanlm.kernels`) are tested against them and take the same
+arguments (fla's convention for `naive_nsa` / `parallel_nsa`), so one layer body calls either: this module, or
+`leanlm.kernels.branches` (the kernels), or `leanlm.kernels.decode_branches` (one-token decoding over latent parts).
+Queries sit at the contiguous positions q_start, q_start + 1, ... (an int, like the kernels'); only `select_blocks`
+takes a position tensor, since query grouping selects for a strided subset of the rows. Block selection reads the
+compression branch's log-sum-exp (not its probability matrix), as the on-device top-n kernel does. All work in
+"KV group" form: queries q [B, H, T, Dk], keys k [B, G, S, Dk] and values v [B, G, S, Dv], where query head h belongs to group
 h // (H / G). For NSA the groups are the GQA key/value heads; for ASA's global layers they are GLA's latent heads
 in absorbed form (Dk = d_c + d_r, Dv = d_c). Positions are absolute token positions; keys start at `k_start`.
 
@@ -56,21 +61,41 @@ def compress(x: torch.Tensor, block: int, stride: int, compressor: nn.Module | N
     return compressor(windows.transpose(-1, -2))
 
 
-def compression_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_pos: torch.Tensor, block: int,
-                          stride: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over compressed blocks. q [B, H, T, Dk], kc [B, G, M, Dk], vc [B, G, M, Dv], q_pos [T].
-    Returns the output [B, H, T, Dv] and the probabilities [B, H, T, M] (zero rows for queries that see no block)."""
+LATENT_PARTS = False  # keys come as one tensor (decode_branches takes latent parts)
+
+
+def _positions(start: int, t: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + t, device=device)  # [T]
+
+
+def _compression_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, block: int, stride: int,
+                        scale: float) -> torch.Tensor:
+    """Scaled scores [B, H, T, M] in at least float32, -inf where a block is not yet complete for the query."""
     h, g, m = q.shape[1], kc.shape[1], kc.shape[2]
-    kc = kc.repeat_interleave(h // g, dim=1)
-    vc = vc.repeat_interleave(h // g, dim=1)
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
-    scores = (q @ kc.transpose(-1, -2)).to(acc) * scale  # [B, H, T, M]
+    scores = (q @ kc.repeat_interleave(h // g, dim=1).transpose(-1, -2)).to(acc) * scale  # [B, H, T, M]
     ends = torch.arange(m, device=q.device) * stride + block - 1
-    visible = ends[None, :] <= q_pos[:, None]  # [T, M]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.masked_fill(~(ends[None, :] <= q_pos[:, None]), float("-inf"))
+
+
+def compression_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_start: int, block: int,
+                          stride: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over compressed blocks. q [B, H, T, Dk] at positions q_start.., kc [B, G, M, Dk], vc [B, G, M, Dv].
+    Returns the output [B, H, T, Dv] (zero for queries that see no block) and the log-sum-exp [B, H, T] (-inf
+    there; no gradient), which `select_blocks` reads."""
+    h, g = q.shape[1], kc.shape[1]
+    scores = _compression_scores(q, kc, _positions(q_start, q.shape[2], q.device), block, stride, scale)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible block: all -inf -> 0
-    probs = probs.to(q.dtype)
-    return probs @ vc, probs
+    return probs.to(q.dtype) @ vc.repeat_interleave(h // g, dim=1), torch.logsumexp(scores, dim=-1).detach()
+
+
+def compression_probs(q: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, q_pos: torch.Tensor, block: int,
+                      stride: int, scale: float) -> torch.Tensor:
+    """The compression branch's probabilities [B, H, T, M] recovered from its log-sum-exp, exp(s - lse): zero for
+    blocks a query cannot see and for queries that see none. q [B, H, T, Dk], lse [B, H, T], q_pos [T]."""
+    scores = _compression_scores(q, kc, q_pos, block, stride, scale)
+    lse = torch.where(lse == float("-inf"), float("inf"), lse.to(scores.dtype))  # saw no block: all 0
+    return torch.exp(scores - lse[..., None])
 
 
 def block_overlap(num_cmp: int, num_sel: int, block: int, stride: int, sel_block: int,
@@ -82,15 +107,19 @@ def block_overlap(num_cmp: int, num_sel: int, block: int, stride: int, sel_block
     return over.to(dtype)
 
 
-def select_blocks(probs: torch.Tensor, q_pos: torch.Tensor, groups: int, count: int, block: int, stride: int,
-                  sel_block: int, init_blocks: int, local_blocks: int) -> torch.Tensor:
-    """Top-`count` selection blocks per group and query. probs [B, H, T, M] (compression probabilities),
-    q_pos [T]; returns indices [B, G, T, count] (long), -1 where fewer blocks exist."""
+def select_blocks(q: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, q_pos: torch.Tensor, count: int,
+                  block: int, stride: int, sel_block: int, init_blocks: int, local_blocks: int,
+                  scale: float) -> torch.Tensor:
+    """Top-`count` selection blocks per group and query. q [B, H, T, Dk] (the queries to select for), kc
+    [B, G, M, Dk] (compressed keys), lse [B, H, T] (their compression log-sum-exp), q_pos [T] (their positions).
+    Returns indices [B, G, T, count] (long), -1 where fewer blocks exist. No gradient flows through the choice."""
+    probs = compression_probs(q.detach(), kc.detach(), lse, q_pos, block, stride, scale)  # [B, H, T, M]
     b, h, t, m = probs.shape
+    groups = kc.shape[1]
     num_sel = int(q_pos.max().item()) // sel_block + 1 if t else 1
     overlap = block_overlap(m, num_sel, block, stride, sel_block, probs.device, torch.float32)
     acc = torch.promote_types(probs.dtype, torch.float32)
-    imp = probs.detach().to(acc) @ overlap.to(acc)  # [B, H, T, N]
+    imp = probs.to(acc) @ overlap.to(acc)  # [B, H, T, N]
     imp = imp.view(b, groups, h // groups, t, num_sel).sum(2)  # [B, G, T, N]
     j = torch.arange(num_sel, device=probs.device)
     cur = q_pos // sel_block  # [T]
@@ -117,11 +146,14 @@ def selection_mask(idx: torch.Tensor, q_pos: torch.Tensor, k_start: int, length:
     return tok & (k_pos[None, :] <= q_pos[:, None])
 
 
-def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, q_pos: torch.Tensor,
-                        k_start: int, sel_block: int, scale: float) -> torch.Tensor:
-    """Attention of each query over the tokens of its group's selected blocks. q [B, H, T, Dk], k [B, G, S, Dk],
-    v [B, G, S, Dv], idx [B, G, T, n]; returns [B, H, T, Dv]. Dense masked reference (O(T*S) memory)."""
+def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, q_start: int,
+                        k_start: int, sel_block: int, scale: float, query_group: int = 1) -> torch.Tensor:
+    """Attention of each query over the tokens of its group's selected blocks. q [B, H, T, Dk] at positions
+    q_start.., k [B, G, S, Dk] / v [B, G, S, Dv] from position k_start, idx [B, G, T, n]; returns [B, H, T, Dv].
+    Dense masked reference (O(T*S) memory). `query_group` is the kernel's (rows of one group share blocks, which
+    lets it load them once); the reference reads `idx` per row and needs no such promise."""
     h, g = q.shape[1], k.shape[1]
+    q_pos = _positions(q_start, q.shape[2], q.device)
     mask = selection_mask(idx, q_pos, k_start, k.shape[2], sel_block).repeat_interleave(h // g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != g)
 
@@ -132,9 +164,10 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
     return (diff >= 0) & (diff < window)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_start: int,
-                     window: int, scale: float) -> torch.Tensor:
-    """Sliding-window attention. q [B, H, T, Dk], k [B, G, S, Dk], v [B, G, S, Dv]; returns [B, H, T, Dv]."""
-    k_pos = torch.arange(k_start, k_start + k.shape[2], device=q.device)
-    mask = window_mask(q_pos, k_pos, window)[None, None]
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, window: int,
+                     scale: float) -> torch.Tensor:
+    """Sliding-window attention. q [B, H, T, Dk] at positions q_start.., k [B, G, S, Dk] / v [B, G, S, Dv] from
+    position k_start; returns [B, H, T, Dv]."""
+    q_pos = _positions(q_start, q.shape[2], q.device)
+    mask = window_mask(q_pos, _positions(k_start, k.shape[2], q.device), window)[None, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -19,6 +19,7 @@ from lm_eval.api.registry import register_model
 
 from leanlm.evals.perplexity import document_windows, windows_nll
 from leanlm.evals.scorer import LoglikelihoodScorer
+from leanlm.pretrained import load_model_and_tokenizer
 
 
 @register_model("leanlm")
@@ -27,7 +28,6 @@ class LeanLMHarnessLM(LM):
                  max_length: int | None = None, device: str = "cpu"):
         super().__init__()
         if model is None:
-            from leanlm.cli import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(pretrained, device=device)
         self.model, self.tokenizer = model.eval(), tokenizer

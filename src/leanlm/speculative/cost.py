@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from leanlm.speculative.draft import DraftSession
 from leanlm.speculative.engine import cache_capacity
 from leanlm.speculative.target import make_target
 from leanlm.speculative.tree import TokenTree
@@ -54,7 +55,6 @@ def draft_layer_seconds(head, target, width: int = 10, context: int = 256, repea
                         seed: int = 0) -> float:
     """Median seconds the draft head takes to expand one tree layer of `width` nodes (head forward + LM head over
     the vocabulary + top-k), after a `context`-token prefix."""
-    from leanlm.speculative.draft import DraftSession
 
     tgt = make_target(target)
     g = torch.Generator().manual_seed(seed)

@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from leanlm.cache import LeanCache
+from leanlm.checkpoint import (check_finite_tensors, load_state_into, load_tensors, read_json_object, verify_manifest,
+                               write_folder_atomically)
 from leanlm.config import LeanLMConfig
-from leanlm.errors import CheckpointError
+from leanlm.errors import CheckpointError, LeanLMError
 from leanlm.model import DecoderLayer
 from leanlm.rope import Positions
 
@@ -62,9 +65,6 @@ class EagleDraftHead(nn.Module):
     def save(self, path: str | Path, meta: dict | None = None, dtype: torch.dtype | None = None) -> None:
         """Write the head (atomically). `dtype` (e.g. torch.float16) stores the weights smaller; `load` casts them
         back into a float32 module."""
-        from safetensors.torch import save_file
-
-        from leanlm.checkpoint import write_folder_atomically
 
         state = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in self.state_dict().items()}
 
@@ -79,9 +79,6 @@ class EagleDraftHead(nn.Module):
     def load(cls, path: str | Path, target_config=None) -> tuple["EagleDraftHead", dict]:
         """Read a head written by `save`; a missing, damaged (checksum), garbage or mismatched folder is one
         CheckpointError."""
-        from leanlm.checkpoint import (check_finite_tensors, load_state_into, load_tensors, read_json_object,
-                                       verify_manifest)
-        from leanlm.errors import LeanLMError
 
         path = Path(path)
         if not (path / "draft_config.json").exists() or not (path / "model.safetensors").exists():
@@ -199,7 +196,7 @@ class DraftSession:
 class ModelDrafter:
     """A `Drafter` that runs a whole causal LM over each candidate sequence, without a cache: the target drafting for
     itself (acceptance then limited only by numerics) or any small LM with the target's vocabulary. Slow (one full
-    forward per tree layer), for checks and tests. `noise` adds Gaussian noise of that scale to the logits (seeded),
+    forward per tree layer): the reference drafter of the tests and of benchmarks/gpu_check.py's self-drafting runs. `noise` adds Gaussian noise of that scale to the logits (seeded),
     so that drafts are often, not always, right; `first` is the prompt's first token (the engine's prefill hands the
     drafter the prompt from its second token on)."""
 

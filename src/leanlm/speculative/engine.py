@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from leanlm.speculative.draft import DraftSession
 from leanlm.speculative.target import Target, bucket_for, make_target
 from leanlm.speculative.tree import TokenTree, TreeStrategy
 from leanlm.speculative.verify import greedy_nodes, process_logits, sample_accept
@@ -92,11 +93,10 @@ class SpeculativeDecoder:
     def __init__(self, target, head, strategy: TreeStrategy | None, keep_trees: bool = False,
                  drafter_factory: Callable[[], object] | None = None, compile: bool | str = False,
                  capacity: int | None = None):
-        from leanlm.speculative.draft import DraftSession
 
         self.target: Target = make_target(target, compile)
         self.head, self.strategy, self.keep_trees, self.capacity = head, strategy, keep_trees, capacity
-        self._session = drafter_factory or (lambda: DraftSession(head, self.target.embed_tokens,
+        self._new_drafter = drafter_factory or (lambda: DraftSession(head, self.target.embed_tokens,
                                                                  self.target.lm_head))
 
     @torch.no_grad()
@@ -149,7 +149,7 @@ class SpeculativeDecoder:
         drafters = []
         if strategy is not None:
             for r, p in enumerate(prompts):
-                d = self._session()
+                d = self._new_drafter()
                 d.prefill(feats[r, : len(p)], list(p[1:]) + [roots[r]])
                 drafters.append(d)
         outs = [[root] for root in roots]

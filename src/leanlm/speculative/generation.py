@@ -25,14 +25,13 @@ import torch
 
 from leanlm.speculative.draft import EagleDraftHead
 from leanlm.speculative.engine import SpeculativeDecoder
-from leanlm.speculative.tree import TreeStrategy, make_strategy
+from leanlm.speculative.strategies import make_strategy
+from leanlm.speculative.tree import TreeStrategy
 
 
 def _strategy(strategy: str | TreeStrategy, classifier, beta: float | None, kwargs: dict) -> TreeStrategy:
     if isinstance(strategy, TreeStrategy):
         return strategy
-    import leanlm.speculative.c2t  # noqa: F401  (registers the c2t strategy)
-
     if strategy == "c2t":
         if classifier is None:
             raise ValueError("strategy='c2t' needs classifier= (a C2TClassifier or a folder written by "

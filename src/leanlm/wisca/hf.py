@@ -29,7 +29,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from leanlm.errors import ConfigError
-from leanlm.wisca import WiscaConfig, wisca_transform
+from leanlm.wisca.config import WiscaConfig
+from leanlm.wisca.transform import wisca_transform
 
 
 class WiscaTrainerCallback(TrainerCallback, ExportableState):
