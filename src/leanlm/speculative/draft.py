@@ -47,12 +47,43 @@ def head_config(target_config, **overrides) -> LeanLMConfig:
 
 
 class EagleDraftHead(nn.Module):
-    def __init__(self, config: LeanLMConfig):
+    """The head: fc over [embedding ; feature], one decoder layer. `draft_vocab` (target token ids [N], optional) is
+    the reduced draft vocabulary of FR-Spec / EAGLE-3: drafting scores only those rows of the target's LM head
+    (N = 8k of SmolLM2's 49k ids costs ~1/6 of the full head) and maps the drafted ids back to target ids, so
+    verification, and with it losslessness, is unchanged. None drafts over the whole vocabulary."""
+
+    def __init__(self, config: LeanLMConfig, draft_vocab: torch.Tensor | None = None):
         super().__init__()
         self.config = config
         c = config.hidden_size
         self.fc = nn.Linear(2 * c, c)
         self.layer = DecoderLayer(config, 0)
+        self.draft_vocab: torch.Tensor | None
+        if draft_vocab is None:
+            self.draft_vocab = None
+        else:
+            ids = torch.as_tensor(draft_vocab, dtype=torch.long)
+            if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size \
+                    or len(torch.unique(ids)) != len(ids):
+                raise LeanLMError(f"draft_vocab must be distinct target ids in [0, {config.vocab_size}), got "
+                                  f"{len(ids)} ids. Fix: build it with select_draft_vocab")
+            self.register_buffer("draft_vocab", ids)  # [N] target ids, saved with the weights
+            t2d = torch.full((config.vocab_size,), -100, dtype=torch.long)
+            t2d[ids] = torch.arange(len(ids))
+            self.register_buffer("target_to_draft", t2d, persistent=False)  # [V] draft index or -100
+
+    def draft_logits(self, lm_head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """Logits [..., N] over the draft vocabulary (all V ids without one) from predicted features [..., C]."""
+        w = lm_head.weight
+        if self.draft_vocab is None:
+            return lm_head(feats.to(w.dtype))
+        bias = getattr(lm_head, "bias", None)
+        return nn.functional.linear(feats.to(w.dtype), w[self.draft_vocab],
+                                    None if bias is None else bias[self.draft_vocab])
+
+    def draft_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Target ids -> indices into the draft vocabulary (-100 for ids outside it); identity without one."""
+        return tokens if self.draft_vocab is None else self.target_to_draft[tokens]
 
     def forward(self, features: torch.Tensor, embeds: torch.Tensor, position_ids: torch.Tensor,
                 cache: LeanCache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,11 +97,14 @@ class EagleDraftHead(nn.Module):
         """Write the head (atomically). `dtype` (e.g. torch.float16) stores the weights smaller; `load` casts them
         back into a float32 module."""
 
-        state = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(dtype or v.dtype if v.is_floating_point() else v.dtype).cpu().contiguous()
+                 for k, v in self.state_dict().items()}
+
+        vocab = None if self.draft_vocab is None else len(self.draft_vocab)
 
         def write(tmp: Path) -> None:
-            (tmp / "draft_config.json").write_text(json.dumps({"config": self.config.to_dict(), **(meta or {})},
-                                                              indent=1, default=str))
+            (tmp / "draft_config.json").write_text(json.dumps({"config": self.config.to_dict(), **(meta or {}),
+                                                               "draft_vocab_size": vocab}, indent=1, default=str))
             save_file(state, str(tmp / "model.safetensors"))
 
         write_folder_atomically(Path(path), write)
@@ -92,16 +126,24 @@ class EagleDraftHead(nn.Module):
                                   f"Fix: {fix}")
         fields = {k: v for k, v in meta["config"].items() if k in LeanLMConfig.__annotations__}
         try:
-            head = cls(LeanLMConfig(**fields))
+            config = LeanLMConfig(**fields)
         except LeanLMError as exc:
             raise CheckpointError(f"draft head config {path / 'draft_config.json'} is invalid ({exc})") from None
-        if target_config is not None and (head.config.hidden_size, head.config.vocab_size) != (
+        if target_config is not None and (config.hidden_size, config.vocab_size) != (
                 target_config.hidden_size, target_config.vocab_size):
-            raise CheckpointError(f"draft head {path} was made for hidden size {head.config.hidden_size} / vocab "
-                                  f"{head.config.vocab_size}, the target has {target_config.hidden_size} / "
+            raise CheckpointError(f"draft head {path} was made for hidden size {config.hidden_size} / vocab "
+                                  f"{config.vocab_size}, the target has {target_config.hidden_size} / "
                                   f"{target_config.vocab_size}. Fix: pass the head trained for this target")
         tensors = load_tensors(path / "model.safetensors", "draft head weights", fix)
         check_finite_tensors(tensors, f"draft head {path}", fix)
+        reduced = meta.get("draft_vocab_size") is not None
+        if reduced != ("draft_vocab" in tensors):
+            raise CheckpointError(f"draft head {path}: draft_config.json and model.safetensors disagree on the draft "
+                                  f"vocabulary. Fix: {fix}")
+        try:
+            head = cls(config, tensors["draft_vocab"] if reduced else None)
+        except LeanLMError as exc:
+            raise CheckpointError(f"draft head {path}: {exc}. Fix: {fix}") from None
         load_state_into(head, tensors, f"draft head {path}", fix)
         return head, meta
 
@@ -131,7 +173,13 @@ class DraftSession:
         self._anc = torch.zeros(64, 64, dtype=torch.bool, device=self.device)  # [nodes, slots] ancestors' slots
 
     def _logp(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lm_head(feats.to(self.lm_head.weight.dtype)).float(), dim=-1)
+        """Log-probabilities [..., V] over target ids: over the draft vocabulary when the head has one (-inf
+        elsewhere, so strategies see target ids and never propose an id outside it)."""
+        logp = torch.log_softmax(self.head.draft_logits(self.lm_head, feats).float(), dim=-1)
+        if self.head.draft_vocab is None:
+            return logp
+        full = logp.new_full((*logp.shape[:-1], self.head.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.head.draft_vocab, logp)
 
     def _room(self, nodes: int, slots: int) -> None:
         """Grow the node tables (capacity doubling) to hold `nodes` node ids and `slots` tree slots."""

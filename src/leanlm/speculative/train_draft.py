@@ -17,12 +17,14 @@ import hashlib
 import json
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -71,15 +73,40 @@ def collect_features(model, sequences: list[list[int]], batch_size: int = 4,
     return out
 
 
+DraftSequence = tuple  # (tokens [T] long, features [T, C], answer mask [T] bool | prompt length int | absent)
+
+
+def answer_mask(seq: DraftSequence) -> torch.Tensor:
+    """Bool [T]: which tokens of a sequence are answer (assistant) tokens, the ones the loss is on. A sequence is
+    (tokens, features) (all answer), (tokens, features, prompt_len) or (tokens, features, mask)."""
+    tokens = seq[0]
+    third = seq[2] if len(seq) > 2 else 0
+    if isinstance(third, torch.Tensor) and third.dtype == torch.bool:
+        return third
+    return torch.arange(len(tokens)) >= int(third)
+
+
+def loss_weights(answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which predictions of a sequence count, from its answer mask [T] (EAGLE's loss mask). The head's prediction at
+    position i (i = 1 .. T-1, from the feature of i-1 and token i) is feature i, whose LM-head token is i+1: it
+    counts when token i+1 is an answer token. Returns (regression weights [T-1], cross-entropy weights [T-2]); the
+    last feature has no next token and counts when the answer runs to the end."""
+    nxt = answer[2:]  # token i+1 for i = 1 .. T-2
+    return torch.cat([nxt, answer[-1:]]).float(), nxt.float()
+
+
 def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats: torch.Tensor,
-               cfg: DraftTrainConfig, generator: torch.Generator | None = None,
-               prompt_len: int = 0) -> tuple[torch.Tensor, dict]:
-    """Loss of one sequence: tokens [T], feats [T, C]. With `prompt_len` p > 0 (EAGLE's loss mask) only the
-    predictions that draft answer tokens count: predicted features of positions >= p-1 (whose LM-head output is a
-    token at position >= p); the prompt is still read as context."""
+               cfg: DraftTrainConfig, generator: torch.Generator | None = None, prompt_len: int = 0,
+               answer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss of one sequence: tokens [T], feats [T, C]; only predictions of answer tokens count (`answer` [T] bool,
+    else the tokens from `prompt_len` on), the rest is read as context. With a reduced draft vocabulary
+    (`head.draft_vocab`) the cross-entropy is over it (answer tokens outside it are not in the loss, and count as
+    misses in the accuracy: they cannot be drafted)."""
     param = next(head.parameters())
     dtype, device = param.dtype, param.device
     tokens, feats = tokens.to(device), feats.to(device)
+    answer = (torch.arange(len(tokens)) >= prompt_len if answer is None else answer).to(device)
+    w_reg, w_cls = loss_weights(answer)
     f_in = feats[:-1].to(dtype)[None]  # features of positions 0..T-2
     if cfg.noise:
         scale = f_in.pow(2).mean().sqrt() * cfg.noise
@@ -88,40 +115,47 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
     emb = embed(tokens[1:][None]).to(dtype)  # tokens 1..T-1
     pos = torch.arange(1, len(tokens), device=device)[None]
     pred = head(f_in, emb, pos)[0]  # predicted features of positions 1..T-1
-    first = max(0, prompt_len - 2)  # index into pred of position max(1, p-1)
-    target = feats[1 + first:].to(dtype)
-    reg = F.smooth_l1_loss(pred[first:], target)
-    logits = lm_head(pred[first:-1].to(lm_head.weight.dtype)).float()  # predict tokens first+2..T-1
-    labels = tokens[first + 2:]
-    cls = F.cross_entropy(logits, labels)
-    acc = (logits.argmax(-1) == labels).float().mean()
+    target = feats[1:].to(dtype)
+    reg = (F.smooth_l1_loss(pred, target, reduction="none").mean(-1) * w_reg).sum() / w_reg.sum().clamp(min=1)
+    logits = head.draft_logits(lm_head, pred[:-1]).float()  # [T-2, N]: tokens 2..T-1
+    labels = head.draft_ids(tokens[2:])  # -100 outside the draft vocabulary
+    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * (labels >= 0)
+    n = w_cls.sum().clamp(min=1)
+    cls = (ce * w_cls).sum() / (w_cls * (labels >= 0)).sum().clamp(min=1)
+    acc = (((logits.argmax(-1) == labels) & (labels >= 0)).float() * w_cls).sum() / n
     return reg + cfg.cls_weight * cls, {"reg": reg.item(), "cls": cls.item(), "acc": acc.item()}
 
 
-def _context_cut(tokens: torch.Tensor, feats: torch.Tensor, prompt_len: int,
-                 max_context: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Keep at most `max_context` prompt tokens before the answer (the loss is on answer positions only, so a long
-    prompt mostly costs compute; the head still reads the last `max_context` prompt tokens as context)."""
-    if max_context is None or prompt_len <= max_context:
-        return tokens, feats, prompt_len
-    cut = prompt_len - max_context
-    return tokens[cut:], feats[cut:], max_context
+def _context_cut(tokens: torch.Tensor, feats: torch.Tensor, answer: torch.Tensor,
+                 max_context: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep at most `max_context` tokens before the first answer token (the loss is on answer positions only, so a
+    long prompt mostly costs compute; the head still reads the last `max_context` prompt tokens as context)."""
+    first = int(answer.nonzero()[0]) if bool(answer.any()) else len(tokens)
+    if max_context is None or first <= max_context:
+        return tokens, feats, answer
+    cut = first - max_context
+    return tokens[cut:], feats[cut:], answer[cut:]
+
+
+def _predicted(answer: torch.Tensor) -> int:
+    """Number of answer tokens a sequence's head predictions are scored on (the cross-entropy positions)."""
+    return int(answer[2:].sum())
 
 
 @torch.no_grad()
 def evaluate_head(head: EagleDraftHead, embed, lm_head, data: list, cfg: DraftTrainConfig) -> dict:
-    """Teacher-forced next-token accuracy and losses of `head` on (tokens, features[, prompt_len]) sequences,
-    without feature noise, weighted by answer tokens."""
+    """Teacher-forced next-token accuracy and losses of `head` on draft sequences (see `answer_mask`), without
+    feature noise, weighted by predicted answer tokens."""
     was_training = head.training
     head.eval()
     clean = dataclasses.replace(cfg, noise=0.0)
     totals, n = {"reg": 0.0, "cls": 0.0, "acc": 0.0}, 0
     for d in data:
-        tokens, feats, prompt_len = _context_cut(d[0], d[1], d[2] if len(d) > 2 else 0, cfg.max_context)
-        m = len(tokens) - 2 - max(0, prompt_len - 2)  # predicted tokens
+        tokens, feats, answer = _context_cut(d[0], d[1], answer_mask(d), cfg.max_context)
+        m = _predicted(answer)
         if m <= 0:
             continue
-        _, st = draft_loss(head, embed, lm_head, tokens, feats, clean, None, prompt_len)
+        _, st = draft_loss(head, embed, lm_head, tokens, feats, clean, None, answer=answer)
         for k in totals:
             totals[k] += st[k] * m
         n += m
@@ -140,10 +174,10 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    data = [_context_cut(d[0], d[1], d[2] if len(d) > 2 else 0, cfg.max_context) for d in data]
-    data = [(t[: cfg.max_len], f[: cfg.max_len], p) for t, f, p in data]
-    data = [d for d in data if len(d[0]) >= max(3, d[2] + 1)]
-    counted = [len(d[0]) - 1 - max(0, d[2] - 2) for d in data]  # positions with a loss (answer positions)
+    data = [_context_cut(d[0], d[1], answer_mask(d), cfg.max_context) for d in data]
+    data = [(t[: cfg.max_len], f[: cfg.max_len], a[: cfg.max_len]) for t, f, a in data]
+    data = [d for d in data if len(d[0]) >= 3 and _predicted(d[2]) > 0]
+    counted = [_predicted(d[2]) for d in data]  # predictions with a loss (of answer tokens)
     steps_per_epoch = max(1, math.ceil(sum(counted) / cfg.batch_tokens))  # batches hold >= batch_tokens
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, max(1, total // 20), total, 0.0))
@@ -164,9 +198,9 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
             opt.zero_grad(set_to_none=True)
             n = sum(d[3] for d in batch)
             stats = {"reg": 0.0, "cls": 0.0, "acc": 0.0}
-            for tokens, feats, prompt_len, m in batch:
+            for tokens, feats, answer, m in batch:
                 with torch.autocast(next(head.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, st = draft_loss(head, embed, lm_head, tokens, feats, cfg, gen, prompt_len)
+                    loss, st = draft_loss(head, embed, lm_head, tokens, feats, cfg, gen, answer=answer)
                 (loss * m / n).backward()
                 for k in stats:
                     stats[k] += st[k] * m / n
@@ -277,13 +311,143 @@ def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path
     return folder
 
 
-def load_feature_cache(folder: str | Path) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(tokens, features, prompt length) per sequence from a `build_feature_cache` folder."""
+@torch.no_grad()
+def last_hidden(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The target's features [B, T, C]: its last hidden state (after the final norm, what its LM head reads), from
+    the decoder alone when the model exposes it (the LM head over every position would be wasted work)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is not model:
+        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
 
+
+def _shard_digest(chunk: list[tuple[list[int], list[bool]]]) -> str:
+    digest = hashlib.sha1()
+    for ids, mask in chunk:
+        digest.update(json.dumps([ids, mask]).encode())
+    return digest.hexdigest()
+
+
+def build_conversation_cache(model, sequences: list[tuple[list[int], list[bool]]], folder: str | Path,
+                             source: str, shard_size: int = 64, batch_tokens: int = 4096,
+                             progress: bool = True) -> Path:
+    """Teacher-forced target features of conversations (token ids + assistant mask each, e.g. ShareGPT through
+    `sharegpt.encode_conversation`) into `folder`: one forward per conversation, no generation, so it runs at
+    prompt-processing speed.
+
+    One safetensors shard per `shard_size` consecutive sequences, each written atomically and carrying the digest of
+    its sequences, so an interrupted run resumes at its first missing shard and a longer list of the same source
+    (more conversations) only adds shards; `meta.json` pins the source and settings, and a folder whose shards hold
+    other sequences is refused. `log.jsonl` has the tokens and seconds of every shard built (the extraction
+    tokens/s). Batches hold conversations of similar length, right-padded, up to `batch_tokens` tokens."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"source": source, "shard_size": shard_size, "hidden_size": model.config.hidden_size,
+            "dtype": str(next(model.parameters()).dtype)}
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise LeanLMError(f"feature cache {folder} was built from other sequences or settings ({old}). Fix: pass "
+                              "another --data folder or delete this one")
+    else:
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    device = next(model.parameters()).device
+    starts = range(0, len(sequences), shard_size)
+    path_of = lambda s: folder / f"shard-{s // shard_size:05d}.safetensors"  # noqa: E731
+    todo = []
+    for s in starts:
+        chunk = sequences[s:s + shard_size]
+        if not path_of(s).exists():
+            todo.append(s)
+            continue
+        with safe_open(str(path_of(s)), "pt") as f:
+            stored = f.metadata() or {}
+        count = int(stored.get("count", 0))
+        if stored.get("sha1") != _shard_digest(chunk[:count]):
+            raise LeanLMError(f"feature cache {folder}: {path_of(s).name} holds other sequences than these. Fix: "
+                              "pass another --data folder or delete this one")
+        if count < len(chunk):
+            todo.append(s)  # the last shard of a shorter list: rebuilt with the sequences added since
+    total = sum(len(ids) for ids, _ in sequences)
+    done = total - sum(len(ids) for s in todo for ids, _ in sequences[s:s + shard_size])
+    bar = tqdm(total=total, initial=done, desc="target features", unit="tok", unit_scale=True, disable=not progress)
+    for s in todo:
+        t0 = time.perf_counter()
+        chunk = sequences[s:s + shard_size]
+        order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][0]))
+        tensors: dict[str, torch.Tensor] = {}
+        i = 0
+        while i < len(order):
+            group = [order[i]]
+            while i + len(group) < len(order) and \
+                    len(chunk[order[i + len(group)]][0]) * (len(group) + 1) <= batch_tokens:
+                group.append(order[i + len(group)])
+            i += len(group)
+            width = max(len(chunk[j][0]) for j in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for r, j in enumerate(group):
+                ids[r, : len(chunk[j][0])] = torch.tensor(chunk[j][0])
+                mask[r, : len(chunk[j][0])] = 1
+            hidden = last_hidden(model, ids.to(device), mask.to(device))  # [b, width, C]
+            for r, j in enumerate(group):
+                n = len(chunk[j][0])
+                key = f"{s + j:06d}"
+                tensors[f"{key}.tokens"] = ids[r, :n].clone()
+                tensors[f"{key}.features"] = hidden[r, :n].to(torch.float16).cpu().contiguous()
+                tensors[f"{key}.answer_mask"] = torch.tensor(chunk[j][1], dtype=torch.bool)
+            bar.update(int(mask.sum()))
+        digest = {"sha1": _shard_digest(chunk), "count": str(len(chunk))}
+        atomic_write_file(path_of(s), lambda tmp: save_file(tensors, str(tmp), metadata=digest))
+        with open(folder / "log.jsonl", "a") as f:
+            f.write(json.dumps({"shard": s // shard_size, "tokens": sum(len(ids) for ids, _ in chunk),
+                                "answer_tokens": sum(sum(m) for _, m in chunk),
+                                "seconds": time.perf_counter() - t0}) + "\n")
+    bar.close()
+    return folder
+
+
+def extraction_rate(folder: str | Path) -> dict:
+    """Tokens, answer tokens, seconds and tokens/s of the feature extraction logged in a cache's `log.jsonl`."""
+    path = Path(folder) / "log.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] for r in rows)
+    return {"shards": len(rows), "tokens": tokens, "answer_tokens": sum(r["answer_tokens"] for r in rows),
+            "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
+
+
+def load_feature_cache(folder: str | Path, limit: int | None = None) -> list[DraftSequence]:
+    """(tokens, features, answer mask or prompt length) per sequence from a `build_feature_cache` or
+    `build_conversation_cache` folder, in order (the first `limit` shards' worth when given)."""
     data = []
-    for path in sorted(Path(folder).glob("shard-*.safetensors")):
+    for path in sorted(Path(folder).glob("shard-*.safetensors"))[:limit]:
         t = load_file(str(path))
         for key in sorted(k for k in t if k.endswith(".tokens")):
             stem = key[: -len(".tokens")]
-            data.append((t[key], t[stem + ".features"], int(t[stem + ".prompt_len"][0])))
+            third = t[stem + ".answer_mask"] if stem + ".answer_mask" in t else int(t[stem + ".prompt_len"][0])
+            data.append((t[key], t[stem + ".features"], third))
     return data
+
+
+def answer_token_counts(data: list, vocab_size: int) -> torch.Tensor:
+    """How often each target id occurs as an answer token in draft sequences [V] (long)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for d in data:
+        counts += torch.bincount(d[0][answer_mask(d)].long(), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def select_draft_vocab(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The `size` most frequent answer ids (FR-Spec's reduced draft vocabulary; ties go to the lower id), sorted by
+    id: [N] long. `coverage(counts, vocab)` says which share of answer tokens it holds."""
+    if not 0 < size <= len(counts):
+        raise LeanLMError(f"draft vocabulary size {size} must be in [1, {len(counts)}]. Fix: e.g. 8192")
+    order = torch.sort(-counts, stable=True).indices  # most frequent first, lower id first on ties
+    return order[:size].sort().values
+
+
+def coverage(counts: torch.Tensor, vocab: torch.Tensor | None) -> float:
+    """Share of the counted answer tokens whose id is in `vocab` (1.0 for the full vocabulary)."""
+    total = int(counts.sum())
+    return 1.0 if vocab is None or total == 0 else float(counts[vocab].sum()) / total

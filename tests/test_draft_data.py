@@ -1,0 +1,237 @@
+"""Draft-head data and vocabulary: ShareGPT read record by record from a cut-off file, split by chat, evaluation
+prompts kept out, chat-template assistant masks, teacher-forced conversation features on disk (resumable), the loss
+mask, and the reduced draft vocabulary (losslessness included)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_spec import V, tiny
+
+from leanlm.errors import CheckpointError, LeanLMError
+from leanlm.speculative import sharegpt as sg
+from leanlm.speculative.draft import DraftSession, EagleDraftHead, head_config
+from leanlm.speculative.engine import SpeculativeDecoder, plain_generate
+from leanlm.speculative.train_draft import (DraftTrainConfig, answer_token_counts, build_conversation_cache,
+                                            collect_features, coverage, draft_loss, extraction_rate, last_hidden,
+                                            load_feature_cache, loss_weights, select_draft_vocab, train_head)
+from leanlm.speculative.tree import Eagle2
+
+
+def record(i, *turns):
+    return {"id": i, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def write_cut_file(path, records):
+    text = json.dumps(records, indent=2)
+    cut = text.index(records[-1]["conversations"][0]["value"])  # inside the last record
+    path.write_text(text[:cut])
+
+
+def test_cut_off_json_is_read_record_by_record(tmp_path):
+    recs = [record("a_0", ("human", "hi"), ("gpt", "hello")), record("b_0", ("human", "q"), ("gpt", "a")),
+            record("c_0", ("human", "cut here"), ("gpt", "never read"))]
+    write_cut_file(tmp_path / "s.json", recs)
+    assert [r["id"] for r in sg.iter_records(tmp_path / "s.json")] == ["a_0", "b_0"]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads((tmp_path / "s.json").read_text())  # the point: the file is not valid JSON
+
+
+def test_turns_are_normalised_to_alternating_user_assistant():
+    c = sg.normalise(record("x_1", ("gpt", "reply to an earlier part"), ("human", "q1"), ("chatgpt", "a1"),
+                            ("human", "q2"), ("human", "q2 again"), ("gpt", "a2")))
+    assert [t["role"] for t in c.turns] == ["user", "assistant"] and c.turns[1]["content"] == "a1"
+    assert sg.normalise(record("y", ("human", "only a question"))) is None
+    assert sg.normalise(record("z", ("system", "x"), ("human", "q"), ("gpt", "a"))) is None  # unknown role stops
+    assert [t["content"] for t in sg.normalise(record("w", ("human", "q"), ("gpt", "a"), ("human", "q2"))).turns] \
+        == ["q", "a"]
+
+
+def test_split_keeps_chat_parts_together_and_drops_evaluation_prompts():
+    convs = [sg.Conversation(f"chat{i}_{part}", [{"role": "user", "content": f"question {i}"},
+                                                 {"role": "assistant", "content": "answer"}])
+             for i in range(200) for part in range(3)]
+    quoting = sg.Conversation("evil_0", [{"role": "user", "content": "Please answer:  WRITE a persuasive essay about "
+                                          "the benefits of   cats in every home, for school."},
+                                         {"role": "assistant", "content": "..."}])
+    keys = {" ".join("write a persuasive essay about the benefits of cats in every home".split())}
+    train, held, dropped = sg.split(convs + [quoting], held_out=0.1, seed=3, exclude=keys)
+    assert dropped == 1 and len(train) + len(held) == 600
+    side = {}
+    for name, part in (("train", train), ("held", held)):
+        for c in part:
+            assert side.setdefault(c.chat, name) == name  # all parts of a chat on one side
+    assert 0.03 < len(held) / 600 < 0.2
+    assert sg.split(convs, 0.1, 3)[1] == held  # deterministic
+
+
+def test_evaluation_keys_cover_mtbench_gsm8k_and_humaneval():
+    from leanlm.speculative.prompts import load_prompts
+
+    keys = sg.evaluation_keys()
+    for name in ("mtbench", "gsm8k", "humaneval"):
+        prompt = load_prompts(name, limit=1)[0]
+        conv = sg.Conversation("q_0", [{"role": "user", "content": "Hi! " + prompt}, {"role": "assistant",
+                                                                                      "content": "x"}])
+        assert sg.quotes_evaluation(conv, keys), name
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from leanlm.pretrained import smollm2_135m_instruct
+
+    return AutoTokenizer.from_pretrained(str(smollm2_135m_instruct()), local_files_only=True)
+
+
+def test_assistant_mask_covers_exactly_the_answers(smol_tokenizer):
+    tok = smol_tokenizer
+    conv = sg.Conversation("m_0", [{"role": "user", "content": "Name a colour."},
+                                   {"role": "assistant", "content": "Blue is a colour."},
+                                   {"role": "user", "content": "Another one?"},
+                                   {"role": "assistant", "content": "Green."}])
+    ids, mask = sg.encode_conversation(tok, conv, 4096)
+    assert ids == tok.apply_chat_template(conv.turns, tokenize=True, return_dict=True)["input_ids"]
+    spans, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    spans.append(tok.decode(cur)) if cur else None
+    assert [s.replace("<|im_end|>", "").strip() for s in spans] == ["Blue is a colour.", "Green."]
+    assert all("<|im_end|>" in s for s in spans)  # the end-of-turn token is learned too
+    cut_ids, cut_mask = sg.encode_conversation(tok, conv, 20)
+    assert cut_ids == ids[:20] and cut_mask == mask[:20]
+
+
+def test_sharegpt_sequences_from_a_file(tmp_path, smol_tokenizer):
+    recs = [record(f"c{i}_0", ("human", f"Tell me about topic {i}."), ("gpt", f"Topic {i} is nice.")) for i in range(30)]
+    write_cut_file(tmp_path / "s.json", recs + [record("cut_0", ("human", "x"), ("gpt", "y"))])
+    seqs, stats = sg.sharegpt_sequences(smol_tokenizer, 10, 256, seed=0, path=tmp_path / "s.json", progress=False)
+    assert len(seqs) == 10 and stats["records"] == 30 and stats["used"] == 10
+    assert stats["answer_tokens"] == sum(sum(m) for _, m in seqs) > 0
+    held, hstats = sg.sharegpt_sequences(smol_tokenizer, 30, 256, seed=0, part="held-out", path=tmp_path / "s.json",
+                                         progress=False)
+    assert hstats["held_out"] == len(held) and not set(map(tuple, (s[0] for s in held))) & set(
+        map(tuple, (s[0] for s in seqs)))
+
+
+def test_conversation_features_are_teacher_forced_and_resumable(tmp_path):
+    target = tiny()
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in (7, 12, 5, 9, 11):
+        ids = torch.randint(0, V, (n,), generator=gen).tolist()
+        seqs.append((ids, [i % 3 == 0 for i in range(n)]))
+    folder = tmp_path / "cache"
+    build_conversation_cache(target, seqs, folder, "test", shard_size=2, batch_tokens=24, progress=False)
+    data = load_feature_cache(folder)
+    ref = collect_features(target, [s[0] for s in seqs], progress=False)
+    for (tokens, feats, mask), (ids, m), (rt, rf) in zip(data, seqs, ref):
+        assert tokens.tolist() == ids and mask.tolist() == m
+        torch.testing.assert_close(feats.float(), rf.float(), atol=2e-3, rtol=1e-2)  # padded batch = one by one
+    assert extraction_rate(folder)["tokens"] == sum(len(s[0]) for s in seqs)
+    (folder / "shard-00001.safetensors").unlink()
+    build_conversation_cache(target, seqs, folder, "test", shard_size=2, progress=False)  # rebuilds the gap only
+    assert [d[0].tolist() for d in load_feature_cache(folder)] == [s[0] for s in seqs]
+    more = seqs + [(list(range(6)), [True] * 6)]  # a longer list of the same source adds a shard only
+    build_conversation_cache(target, more, folder, "test", shard_size=2, progress=False)
+    assert [d[0].tolist() for d in load_feature_cache(folder)] == [s[0] for s in more]
+    with pytest.raises(LeanLMError, match="holds other sequences"):
+        build_conversation_cache(target, seqs[::-1], folder, "test", shard_size=2, progress=False)
+    with pytest.raises(LeanLMError, match="other sequences or settings"):
+        build_conversation_cache(target, seqs, folder, "another source", shard_size=2, progress=False)
+
+
+def test_last_hidden_is_the_feature_the_lm_head_reads():
+    from test_spec import tiny_hf_llama
+
+    model, _ = tiny_hf_llama()
+    ids = torch.randint(0, V, (2, 9))
+    mask = torch.ones_like(ids)
+    full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(last_hidden(model, ids, mask), full.hidden_states[-1])
+    torch.testing.assert_close(model.lm_head(last_hidden(model, ids, mask)), full.logits)
+
+
+def test_loss_mask_counts_predictions_of_answer_tokens():
+    answer = torch.tensor([False, False, True, True, False, False, True, True])
+    w_reg, w_cls = loss_weights(answer)
+    # prediction at position i (1..7) counts when token i+1 is an answer token; the last one when the answer runs on
+    assert w_cls.tolist() == [1, 1, 0, 0, 1, 1] and w_reg.tolist() == [1, 1, 0, 0, 1, 1, 1]
+    target = tiny()
+    head = EagleDraftHead(head_config(target.config))
+    tokens = torch.randint(0, V, (12,))
+    feats = collect_features(target, [tokens.tolist()], progress=False)[0][1]
+    cfg = DraftTrainConfig(noise=0.0)
+    emb, lm = target.get_input_embeddings(), target.get_output_embeddings()
+    by_len, _ = draft_loss(head, emb, lm, tokens, feats, cfg, prompt_len=5)
+    by_mask, _ = draft_loss(head, emb, lm, tokens, feats, cfg, answer=torch.arange(12) >= 5)
+    torch.testing.assert_close(by_len, by_mask)
+    # the last feature is only a regression target (never an input): it counts exactly when the answer runs on
+    moved = feats.clone()
+    moved[-1] += 1.0
+    for runs_on in (False, True):
+        mask = torch.arange(12) >= 6
+        mask[-1] = runs_on
+        a, _ = draft_loss(head, emb, lm, tokens, feats, cfg, answer=mask)
+        b, _ = draft_loss(head, emb, lm, tokens, moved, cfg, answer=mask)
+        assert torch.equal(a, b) != runs_on
+
+
+def test_draft_vocab_selection_and_coverage():
+    counts = torch.tensor([5, 0, 9, 9, 1, 3])
+    vocab = select_draft_vocab(counts, 3)
+    assert vocab.tolist() == [0, 2, 3]  # the most frequent; ties by id
+    assert coverage(counts, vocab) == pytest.approx(23 / 27) and coverage(counts, None) == 1.0
+    data = [(torch.tensor([1, 2, 2, 5]), None, torch.tensor([False, True, True, True]))]
+    assert answer_token_counts(data, 6).tolist() == [0, 0, 2, 0, 0, 1]
+    with pytest.raises(LeanLMError, match="draft vocabulary size"):
+        select_draft_vocab(counts, 0)
+
+
+def test_reduced_vocab_head_drafts_only_its_ids_and_stays_lossless(tmp_path):
+    target = tiny()
+    vocab = torch.arange(0, V, 2)  # half the ids
+    head = EagleDraftHead(head_config(target.config), vocab).eval()
+    session = DraftSession(head, target.get_input_embeddings(), target.get_output_embeddings())
+    feats = torch.randn(4, target.config.hidden_size)
+    session.prefill(feats, torch.tensor([1, 2, 3, 4]))
+    logp = session.root()
+    assert torch.isinf(logp[1::2]).all() and torch.isfinite(logp[0::2]).all()
+    assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-5)
+    head.save(tmp_path / "head")
+    again, _ = EagleDraftHead.load(tmp_path / "head", target.config)
+    assert torch.equal(again.draft_vocab, vocab) and torch.equal(again.target_to_draft, head.target_to_draft)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    ref, _ = plain_generate(target, prompt, 20)
+    out, _ = SpeculativeDecoder(target, again, Eagle2(total_tokens=8, depth=3, top_k=2)).generate(prompt, 20)
+    assert out == ref
+
+
+def test_reduced_vocab_training_and_bad_files(tmp_path):
+    target = tiny()
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, V, (16,), generator=gen).tolist() for _ in range(6)]
+    data = collect_features(target, seqs, progress=False)
+    vocab = select_draft_vocab(answer_token_counts(data, V), 16)
+    head = EagleDraftHead(head_config(target.config), vocab)
+    logs = train_head(head, target.get_input_embeddings(), target.get_output_embeddings(), data,
+                      DraftTrainConfig(epochs=2, batch_tokens=32), progress=False)
+    assert all(torch.isfinite(torch.tensor(lg["cls"])) for lg in logs)
+    head.save(tmp_path / "h")
+    meta = json.loads((tmp_path / "h" / "draft_config.json").read_text())
+    meta["draft_vocab_size"] = None  # the weights still carry a vocabulary
+    (tmp_path / "h" / "draft_config.json").write_text(json.dumps(meta))
+    from leanlm.checkpoint import write_manifest
+
+    write_manifest(tmp_path / "h")
+    with pytest.raises(CheckpointError, match="disagree on the draft vocabulary"):
+        EagleDraftHead.load(tmp_path / "h", target.config)
+    with pytest.raises(LeanLMError, match="distinct target ids"):
+        EagleDraftHead(head_config(target.config), torch.tensor([1, 1, 2]))
