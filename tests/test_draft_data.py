@@ -235,3 +235,73 @@ def test_reduced_vocab_training_and_bad_files(tmp_path):
         EagleDraftHead.load(tmp_path / "h", target.config)
     with pytest.raises(LeanLMError, match="distinct target ids"):
         EagleDraftHead(head_config(target.config), torch.tensor([1, 1, 2]))
+
+
+def tree_rows(trees: int = 3, width: int = 3, layers: int = 6):
+    """Synthetic collected trees: per layer `width` nodes, the first on the accepted path (a spine), each node's
+    joint log-prob falling with depth; the spine is the likeliest."""
+    rows = {k: [] for k in ("joint_logp", "depth", "label", "tree", "parent", "node")}
+    for t in range(trees):
+        node = 0
+        for d in range(layers):
+            for w in range(width):
+                node += 1
+                rows["joint_logp"].append(-0.2 * (d + 1) - 1.5 * w)
+                rows["depth"].append(d)
+                rows["label"].append(1.0 if w == 0 else 0.0)
+                rows["tree"].append(t)
+                rows["parent"].append(0 if d == 0 else node - width - w)
+                rows["node"].append(node)
+    rows["entropy"] = [1.0] * len(rows["depth"])
+    return {k: torch.tensor(v, dtype=torch.float32 if k in ("joint_logp", "label", "entropy") else torch.long)
+            for k, v in rows.items()}
+
+
+def test_eagle2_replay_keeps_the_likeliest_nodes_within_depth():
+    from leanlm.speculative.cost import replay_eagle2
+
+    rows = tree_rows()
+    assert replay_eagle2(rows, 4, 6) == {"total_tokens": 4, "depth": 6, "tau": 3.0, "nodes": 4.0}  # the spine
+    assert replay_eagle2(rows, 60, 2)["tau"] == 2.0 and replay_eagle2(rows, 60, 2)["nodes"] == 7.0
+    assert replay_eagle2(rows, 60, 6)["tau"] == 6.0
+
+
+def test_tree_size_follows_the_machine():
+    """Flat verification (a GPU: memory-bound) grows the tree; verification cost rising with n (this CPU) keeps it
+    small; C2T's beta model reads the same interpolation."""
+    from leanlm.speculative.cost import cost_aware_eagle2, interpolate_seconds
+
+    rows = tree_rows()
+    flat = {1: 0.010, 16: 0.010, 64: 0.011, 128: 0.012}
+    steep = {1: 0.010, 16: 0.080, 64: 0.320, 128: 0.640}
+    gpu, _ = cost_aware_eagle2(rows, flat, draft_layer_seconds=0.001)
+    cpu, table = cost_aware_eagle2(rows, steep, draft_layer_seconds=0.001)
+    assert gpu["depth"] == 6 and cpu["nodes"] < gpu["nodes"]
+    assert max(r["tokens_per_second"] for r in table) == cpu["tokens_per_second"]
+    assert interpolate_seconds(steep, 8) == pytest.approx(0.010 + 7 / 15 * 0.070)
+    assert interpolate_seconds(steep, 256) == pytest.approx(1.28)
+
+
+def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
+    from leanlm.cli import main
+    from leanlm.runconfig import build_run_config
+    from leanlm.speculative.c2t_train import save_rows
+    from leanlm.train import Trainer
+
+    trainer = Trainer(build_run_config(tiny_config(max_steps=2, ckpt_every=2, eval_every=0)))
+    trainer.fit()
+    ckpt = str(trainer.ckpt_dir / "step-00000002")
+    EagleDraftHead(head_config(trainer.model.config)).save(tmp_path / "head")
+    save_rows(tree_rows(), tmp_path / "trees.safetensors", {"top_k": 3})
+    out = tmp_path / "bench.json"
+    assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--prompts", "mtbench", "--limit", "1",
+                 "--max-new-tokens", "6", "--strategies", "chain", "--size-from", str(tmp_path / "trees.safetensors"),
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    chosen = result["sizes"]["eagle2"]
+    assert chosen["total_tokens"] in (4, 8, 12, 16, 24, 32, 48, 60, 80, 128) and 2 <= chosen["depth"] <= 8
+    assert "tree sizes for this machine" in capsys.readouterr().out
+    auto = [r for r in result["rows"] if r["strategy"] == "eagle2:auto"]
+    assert len(auto) == 1 and auto[0]["identical_outputs"] == 1
+    assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--size-from",
+                 str(tmp_path / "none.safetensors")]) == 2  # refused before any model is loaded

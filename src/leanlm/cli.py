@@ -255,9 +255,28 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         raise LeanLMError(f"--strategies: {e}. Fix: e.g. --strategies chain,eagle2:total_tokens=30,c2t:beta=0.5")
     from leanlm.speculative.prompts import encode_chat
 
+    trees, chosen = None, None
+    if args.size_from:
+        from leanlm.speculative.c2t_train import load_rows
+
+        trees, _ = load_rows(args.size_from)  # checked before any model is loaded
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
     head, _ = EagleDraftHead.load(args.draft, model.config)
     head.to(model.device)
+    if trees is not None:
+        from leanlm.speculative.bench import sized_strategies
+        from leanlm.speculative.c2t import C2TClassifier
+
+        clf = C2TClassifier.load(args.classifier)[0] if args.classifier else None
+        auto, chosen = sized_strategies(model, head, trees, clf)
+        strategies.update(auto)
+        e2 = chosen["eagle2"]
+        print(f"tree sizes for this machine (draft layer {chosen['draft_layer_seconds'] * 1000:.1f} ms, verify "
+              f"{', '.join(f'{n}: {s * 1000:.1f}' for n, s in chosen['verify_seconds'].items())} ms): eagle2 "
+              f"total_tokens={e2['total_tokens']} depth={e2['depth']} (replayed tau {e2['tau']:.2f}, "
+              f"{e2['nodes']:.1f} nodes)" + (f"; c2t beta={chosen['c2t']['beta']} (replayed tau "
+                                            f"{chosen['c2t']['tau']:.2f}, {chosen['c2t']['nodes']:.1f} nodes)"
+                                            if "c2t" in chosen else ""))
     prompt_sets = {s: load_prompts(s, args.limit) for s in sets}
     for name, prompts in prompt_sets.items():  # every prompt must fit before any decoding starts
         for i, prompt in enumerate(prompts):
@@ -269,7 +288,8 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"args": vars(args) | {"func": None}, "rows": rows}, indent=1, default=str))
+        out.write_text(json.dumps({"args": vars(args) | {"func": None}, "rows": rows, "sizes": chosen}, indent=1,
+                                  default=str))
         out.with_suffix(".md").write_text(table + "\n")
         from leanlm.plots import bar_chart
 
@@ -527,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--strategies", default="chain,static,eagle2",
                     help="comma-separated; each NAME or NAME:key=value:..., e.g. eagle2:total_tokens=30,c2t:beta=0.5")
     sb.add_argument("--classifier", default=None, help="C2T classifier folder for c2t strategies")
+    sb.add_argument("--size-from", default=None, help="trees from `spec c2t-collect`: measure this machine's step "
+                    "costs and add eagle2:auto (total_tokens/depth) and, with --classifier, c2t:auto (beta) sized "
+                    "for it; the chosen sizes are printed")
     sb.add_argument("--max-new-tokens", type=positive_int, default=128)
     sb.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it)")
     sb.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -12,10 +12,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from leanlm.speculative.c2t import C2T
+from leanlm.speculative.c2t_train import cost_aware_beta
+from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, verify_seconds
 from leanlm.speculative.engine import SpeculativeDecoder, cache_capacity, plain_generate
 from leanlm.speculative.prompts import encode_chat
 from leanlm.speculative.target import make_target
-from leanlm.speculative.tree import TreeStrategy
+from leanlm.speculative.tree import Eagle2, TreeStrategy
 
 
 def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], prompt_sets: dict[str, list[str]],
@@ -77,3 +80,24 @@ def markdown(rows: list[dict]) -> str:
                          f"{r['verify_ms_per_step']:.1f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
                          f"{r['identical_outputs']}/{r['n']} |")
     return "\n".join(lines)
+
+
+def sized_strategies(model, head, rows: dict[str, torch.Tensor], classifier=None,
+                     top_k: int = 10) -> tuple[dict[str, TreeStrategy], dict]:
+    """Tree sizes for this machine: measure the target's verification seconds at 1..128 tree tokens and the draft's
+    seconds per layer here (`leanlm.speculative.cost`), then pick EAGLE-2's total_tokens/depth
+    (`cost_aware_eagle2`) and, with a classifier, C2T's beta (`cost_aware_beta`) from the collected trees `rows`.
+    Returns the strategies ("eagle2:auto", "c2t:auto") and what was measured and chosen."""
+    vs = verify_seconds(model, [1, 2, 4, 8, 16, 32, 64, 128])
+    ds = draft_layer_seconds(head, model, width=top_k)
+    best, _ = cost_aware_eagle2(rows, vs, ds)
+    chosen = {"verify_seconds": vs, "draft_layer_seconds": ds,
+              "eagle2": {k: best[k] for k in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")}}
+    out: dict[str, TreeStrategy] = {"eagle2:auto": Eagle2(best["total_tokens"], best["depth"], top_k)}
+    if classifier is not None:
+        beta, table = cost_aware_beta(classifier, rows, vs, ds)
+        row = next(r for r in table if r["beta"] == beta)
+        chosen["c2t"] = {"beta": beta, "tau": row["tau"], "nodes": row["nodes"],
+                         "tokens_per_second": row["tokens_per_second"]}
+        out["c2t:auto"] = C2T(classifier, beta=beta)
+    return out, chosen

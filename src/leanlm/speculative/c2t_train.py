@@ -26,6 +26,7 @@ from leanlm.checkpoint import atomic_write_file
 from leanlm.errors import CheckpointError, LeanLMError
 from leanlm.speculative.c2t import C2TClassifier, top_entropy
 from leanlm.speculative.c2t_config import C2TTrainConfig
+from leanlm.speculative.cost import interpolate_seconds
 from leanlm.speculative.draft import DraftSession
 from leanlm.speculative.engine import SpeculativeDecoder
 from leanlm.speculative.target import make_target
@@ -282,19 +283,10 @@ def cost_aware_beta(classifier: C2TClassifier, rows: dict[str, torch.Tensor], ve
     verification time of n tokens (interpolated in `verify_seconds`); choose the beta with the most tokens per
     second, (tau + 1) / step time. Returns (beta, table)."""
     betas = betas or [round(0.05 * i, 2) for i in range(1, 20)]
-    sizes = sorted(verify_seconds)
-
-    def verify(n: float) -> float:
-        for a, b in zip(sizes, sizes[1:]):
-            if n <= b:
-                w = (n - a) / (b - a) if n >= a else 0.0
-                return verify_seconds[a] + w * (verify_seconds[b] - verify_seconds[a])
-        return verify_seconds[sizes[-1]] * n / sizes[-1]
-
     table = []
     for b in betas:
         r = replay(classifier, rows, b)
-        step = draft_layer_seconds * max(1.0, r["layers"]) + verify(r["nodes"])
+        step = draft_layer_seconds * max(1.0, r["layers"]) + interpolate_seconds(verify_seconds, r["nodes"])
         table.append({**r, "step_seconds": step, "tokens_per_second": (r["tau"] + 1) / step})
     best = max(table, key=lambda r: r["tokens_per_second"])
     return best["beta"], table

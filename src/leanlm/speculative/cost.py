@@ -1,8 +1,10 @@
 """Measured costs of one speculative step on the current hardware: verifying n tree tokens, drafting one tree layer.
 
 On a GPU, verifying a few dozen tokens costs about as much as one (the forward is memory-bound); on a CPU the cost
-grows with n almost from the start. Strategies that choose their tree size (C2T's cost-aware beta) read these
-numbers instead of assuming either.
+grows with n almost from the start. Strategies that choose their tree size read these numbers instead of assuming
+either: C2T's cost-aware beta (`c2t_train.cost_aware_beta`) and EAGLE-2's total_tokens/depth
+(`cost_aware_eagle2`), both by replaying trees collected with `leanlm spec c2t-collect` under the same step-cost
+model, (tau + 1) / (layers drafted x draft seconds per layer + verification seconds of the tree's tokens).
 """
 
 from __future__ import annotations
@@ -73,3 +75,52 @@ def draft_layer_seconds(head, target, width: int = 10, context: int = 256, repea
         times.append(time.perf_counter() - t)
         session.end_tree()
     return statistics.median(times[1:])
+
+
+def interpolate_seconds(seconds: dict[int, float], n: float) -> float:
+    """Verification seconds of an n-token tree from measured sizes: linear between them, proportional beyond."""
+    sizes = sorted(seconds)
+    for a, b in zip(sizes, sizes[1:]):
+        if n <= b:
+            w = (n - a) / (b - a) if n >= a else 0.0
+            return seconds[a] + w * (seconds[b] - seconds[a])
+    return seconds[sizes[-1]] * n / sizes[-1]
+
+
+def replay_eagle2(rows: dict[str, torch.Tensor], total_tokens: int, depth: int) -> dict:
+    """EAGLE-2's rerank replayed on collected full trees (`c2t_train.collect_trees` rows: joint_logp, depth (0-based
+    layer), label (on the accepted path), tree): per tree the `total_tokens - 1` most likely nodes within `depth`
+    layers are kept (a parent is never less likely than its child, so the set is a subtree), and the accepted length
+    is the number of kept nodes on the accepted path. Returns the mean tau and verified nodes (root included). An
+    estimate: the collected trees hold the top-k children of the top-k frontier at the collection's k, so a smaller
+    top_k is not replayed."""
+    tree, logp = rows["tree"], rows["joint_logp"].float()
+    inside = rows["depth"] < depth
+    score = torch.where(inside, logp, torch.full_like(logp, float("-inf")))
+    order = torch.argsort(-score, stable=True)  # most likely first (earlier node first on ties) ...
+    order = order[torch.argsort(tree[order], stable=True)]  # ... within each tree's run
+    trees = int(tree.max()) + 1
+    first = torch.zeros(trees, dtype=torch.long).scatter_reduce_(0, tree[order], torch.arange(len(order)),
+                                                                 reduce="amin", include_self=False)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - first[tree[order]]  # rank of each node within its tree
+    keep = inside & (rank < total_tokens - 1)
+    return {"total_tokens": total_tokens, "depth": depth,
+            "tau": float((keep & (rows["label"] > 0.5)).sum()) / trees, "nodes": 1 + float(keep.sum()) / trees}
+
+
+def cost_aware_eagle2(rows: dict[str, torch.Tensor], verify_seconds: dict[int, float], draft_layer_seconds: float,
+                      sizes: list[int] | None = None, depths: list[int] | None = None) -> tuple[dict, list[dict]]:
+    """EAGLE-2's tree size for this hardware: for each (total_tokens, depth) replay the collected trees
+    (`replay_eagle2`) and model a step as (depth - 1) draft layers (EAGLE-2 expands depth - 1 times after the root
+    distribution) plus the verification of the kept nodes; choose the most tokens per second. Returns (the best
+    row, the table)."""
+    sizes = sizes or [4, 8, 12, 16, 24, 32, 48, 60, 80, 128]
+    depths = depths or [2, 3, 4, 5, 6, 7, 8]
+    table = []
+    for n in sizes:
+        for d in depths:
+            r = replay_eagle2(rows, n, d)
+            step = draft_layer_seconds * (d - 1) + interpolate_seconds(verify_seconds, r["nodes"])
+            table.append({**r, "step_seconds": step, "tokens_per_second": (r["tau"] + 1) / step})
+    return max(table, key=lambda r: r["tokens_per_second"]), table
