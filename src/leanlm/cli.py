@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
@@ -125,112 +124,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_train_draft(args: argparse.Namespace) -> int:
-    """Build the draft data (the target's own answers and/or teacher-forced ShareGPT conversations) into feature
-    caches on disk, train an EAGLE head on it (optionally over a reduced draft vocabulary), save it atomically."""
-    from leanlm.speculative.prompts import DRAFT_MIXES
-
-    if args.mix not in DRAFT_MIXES:
-        raise LeanLMError(f"--mix {args.mix!r} is unknown. Fix: use one of {', '.join(DRAFT_MIXES)}")
-    if args.prompts == 0 and args.sharegpt == 0:
-        raise LeanLMError("--prompts 0 and --sharegpt 0 leave no training data. Fix: give one of them > 0")
-    if args.init is not None and not (Path(args.init) / "draft_config.json").exists():
-        raise LeanLMError(f"--init {args.init} is not a draft head folder (no draft_config.json). Fix: pass a folder "
-                          "written by `leanlm spec train-draft`")
-    out = Path(args.out)
-    if args.stage != "data" and out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass --overwrite")
-    data_dir = Path(args.data) if args.data else out.parent / (out.name + "-data")
-    sg_dir = Path(args.sharegpt_data) if args.sharegpt_data else out.parent / (out.name + "-sharegpt")
-    if args.stage == "train" and not any(d.glob("shard-*.safetensors") for d in (data_dir, sg_dir)
-                                         if d.exists()):
-        raise LeanLMError(f"--stage train needs feature shards in {data_dir} or {sg_dir}. Fix: run --stage data "
-                          "first or pass the --data / --sharegpt-data folders that hold them")
-    import torch
-
+    """Draft data into feature caches on disk, an EAGLE head trained on it, saved atomically (see
+    `leanlm.speculative.draft_recipe`)."""
     from leanlm.inference import load_model_and_tokenizer
-    from leanlm.speculative import sharegpt
-    from leanlm.speculative.draft import EagleDraftHead, head_config
-    from leanlm.speculative.prompts import draft_prompts
-    from leanlm.speculative.train_draft import (DraftTrainConfig, answer_mask, answer_token_counts,
-                                                build_conversation_cache, build_feature_cache, coverage,
-                                                extraction_rate, load_feature_cache, select_draft_vocab, train_head)
+    from leanlm.speculative.draft_recipe import DraftRecipe
+    from leanlm.speculative.train_draft import DraftTrainConfig
 
-    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        raise LeanLMError(f"--device {args.device!r} is not available here. Fix: use --device cpu, or cuda on a "
-                          "machine with a GPU")
-    torch.manual_seed(args.seed)
+    train = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
+                             batch_tokens=args.batch_tokens, max_context=args.max_context, cls_weight=args.cls_weight,
+                             max_len=args.max_len)
+    recipe = DraftRecipe(
+        target=args.target, out=args.out, prompts=args.prompts, mix=args.mix, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, data_dtype=args.data_dtype, data=args.data, sharegpt=args.sharegpt,
+        val_sharegpt=args.val_sharegpt, sharegpt_data=args.sharegpt_data, max_len=args.max_len,
+        draft_vocab=args.draft_vocab, stage=args.stage, init=args.init, val_prompts=args.val_prompts, train=train,
+        save_fp16=args.save_fp16, overwrite=args.overwrite, seed=args.seed, device=args.device)
+    recipe.check()  # before loading anything
     model, tokenizer = load_model_and_tokenizer(args.target, device=args.device)
-    t = time.perf_counter()
-    sg_stats: dict = {}
-    if args.stage in ("all", "data"):
-        model.to(getattr(torch, args.data_dtype))
-        if args.prompts:
-            build_feature_cache(model, tokenizer, draft_prompts(args.prompts, args.seed, args.mix), data_dir,
-                                args.max_new_tokens, args.batch_size)
-        if args.sharegpt:
-            if args.val_sharegpt:  # first: small, and what every epoch is scored on
-                held, _ = sharegpt.sharegpt_sequences(tokenizer, args.val_sharegpt, args.max_len, args.seed,
-                                                      part="held-out")
-                build_conversation_cache(model, held, sg_dir / "held-out", source=f"sharegpt-v3:held-out:"
-                                         f"seed{args.seed}:max_len{args.max_len}")
-            seqs, sg_stats = sharegpt.sharegpt_sequences(tokenizer, args.sharegpt, args.max_len, args.seed)
-            print(f"ShareGPT: {sg_stats['records']:,} conversations read, {sg_stats['dropped_evaluation']} dropped "
-                  f"for quoting an evaluation prompt, {sg_stats['held_out']:,} held out; training on "
-                  f"{sg_stats['used']:,} ({sg_stats['tokens']:,} tokens, {sg_stats['answer_tokens']:,} answer tokens)")
-            build_conversation_cache(model, seqs, sg_dir, source=f"sharegpt-v3:train:seed{args.seed}:"
-                                     f"max_len{args.max_len}")
-            rate = extraction_rate(sg_dir)
-            print(f"feature extraction: {rate['tokens']:,} tokens in {rate['seconds']:.0f}s "
-                  f"({rate['tokens_per_s']:.0f} tokens/s)")
-        model.to(torch.float32)
-    data = load_feature_cache(data_dir) if args.prompts and data_dir.exists() else []
-    if args.sharegpt and sg_dir.exists():
-        data += load_feature_cache(sg_dir)
-    answers = sum(int(answer_mask(d).sum()) for d in data)
-    print(f"draft data: {len(data)} sequences, {sum(len(d[0]) for d in data):,} tokens ({answers:,} answer tokens) "
-          f"({time.perf_counter() - t:.0f}s)")
-    if args.stage == "data":
-        return 0
-    if (sg_dir / "held-out").exists() and args.val_sharegpt:
-        val, train = load_feature_cache(sg_dir / "held-out"), data
-    else:
-        if not 0 <= args.val_prompts < len(data):
-            raise LeanLMError(f"--val-prompts {args.val_prompts} must be >= 0 and leave training data ({len(data)} "
-                              f"sequences in the cache). Fix: e.g. --val-prompts {min(64, len(data) // 10)}")
-        val = data[len(data) - args.val_prompts:] if args.val_prompts else None
-        train = data[: len(data) - args.val_prompts]
-    counts = answer_token_counts(train, model.config.vocab_size)
-    vocab = select_draft_vocab(counts, args.draft_vocab) if args.draft_vocab else None
-    if vocab is not None:
-        held = f", held-out {coverage(answer_token_counts(val, model.config.vocab_size), vocab):.3f}" if val else ""
-        print(f"draft vocabulary: the {len(vocab):,} most frequent answer ids cover "
-              f"{coverage(counts, vocab):.3f} of the training answer tokens{held}")
-    if args.init is not None:  # continue training a head (over the new draft vocabulary, if one is asked for)
-        init, init_meta = EagleDraftHead.load(args.init, model.config)
-        history = init_meta.get("history", []) + [{k: init_meta.get(k) for k in ("command", "steps", "final_train")}]
-        head = EagleDraftHead(init.config, vocab if vocab is not None else init.draft_vocab)
-        head.load_state_dict({k: v for k, v in init.state_dict().items() if k != "draft_vocab"}, strict=False)
-    else:
-        head, history = EagleDraftHead(head_config(model.config), vocab), []
-    head.to(args.device)
-    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
-                           batch_tokens=args.batch_tokens, max_context=args.max_context,
-                           cls_weight=args.cls_weight, max_len=args.max_len)
-    logs = train_head(head, model.get_input_embeddings(), model.get_output_embeddings(), train, cfg, val_data=val)
-    last = logs[-1]
-    val_log = [lg["val"] for lg in logs if "val" in lg]
-    head.save(out, meta={"target": args.target, "prompts": args.prompts, "mix": args.mix,
-                         "max_new_tokens": args.max_new_tokens, "data_dtype": args.data_dtype,
-                         "sharegpt": sg_stats or ({"used": args.sharegpt} if args.sharegpt else None),
-                         "sequences": len(train), "answer_tokens": answers, "epochs": args.epochs, "lr": args.lr,
-                         "steps": len(logs), "seed": args.seed, "final_train": last, "init": args.init,
-                         "cls_weight": args.cls_weight, "history": history, "val_prompts": args.val_prompts,
-                         "val_by_epoch": val_log, "draft_vocab_coverage": coverage(counts, vocab),
-                         "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])},
-              dtype=torch.float16 if args.save_fp16 else None)
-    held = f", held-out {val_log[-1]['acc']:.3f}" if val_log else ""
-    print(f"draft head saved to {out}: {len(logs)} steps, final training next-token accuracy {last['acc']:.3f}"
-          f"{held}, feature loss {last['reg']:.4f}")
+    recipe.run(model, tokenizer)
     return 0
 
 

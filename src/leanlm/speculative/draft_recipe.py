@@ -1,0 +1,168 @@
+"""The recipe that turns a target into a trained draft head: data sources into feature caches on disk, a draft
+vocabulary, training, and the saved head with what it was trained on. `leanlm spec train-draft` fills a
+`DraftRecipe` from its flags and calls `check` (before any work) and `run`.
+
+    data     the target's own greedy answers to training prompts (`prompts`, `mix`; `build_feature_cache`) and/or
+             teacher-forced ShareGPT V3 conversations (`sharegpt`, `val_sharegpt`; `build_conversation_cache`),
+             each cache resumable shard by shard
+    vocab    `draft_vocab` > 0: the N most frequent answer ids of the training data (FR-Spec), else the full one
+    train    EAGLE-1's loss (`train_head`), held-out accuracy after each epoch (held-out ShareGPT conversations, or
+             the last `val_prompts` cached answers)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from leanlm.errors import LeanLMError
+from leanlm.speculative import sharegpt
+from leanlm.speculative.draft import EagleDraftHead, head_config
+from leanlm.speculative.prompts import DRAFT_MIXES, draft_prompts
+from leanlm.speculative.train_draft import (DraftTrainConfig, answer_mask, answer_token_counts,
+                                            build_conversation_cache, build_feature_cache, coverage, extraction_rate,
+                                            load_feature_cache, select_draft_vocab, train_head)
+
+
+@dataclass
+class DraftRecipe:
+    target: str
+    out: str
+    prompts: int = 2000  # prompts the target answers itself (0 = none)
+    mix: str = "chat"
+    max_new_tokens: int = 128
+    batch_size: int = 64  # prompts answered together
+    data_dtype: str = "float32"
+    data: str | None = None  # answers cache (default OUT-data)
+    sharegpt: int = 0  # ShareGPT training conversations (0 = none)
+    val_sharegpt: int = 0
+    sharegpt_data: str | None = None  # ShareGPT cache (default OUT-sharegpt)
+    max_len: int = 1024
+    draft_vocab: int = 0  # 0 = full vocabulary
+    stage: str = "all"  # all | data | train
+    init: str | None = None
+    val_prompts: int = 0
+    train: DraftTrainConfig | None = None
+    save_fp16: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+    @property
+    def answers_dir(self) -> Path:
+        out = Path(self.out)
+        return Path(self.data) if self.data else out.parent / (out.name + "-data")
+
+    @property
+    def sharegpt_dir(self) -> Path:
+        out = Path(self.out)
+        return Path(self.sharegpt_data) if self.sharegpt_data else out.parent / (out.name + "-sharegpt")
+
+    def check(self) -> None:
+        """Every refusal that needs no model, as one LeanLMError naming the flag and the fix."""
+        if self.mix not in DRAFT_MIXES:
+            raise LeanLMError(f"--mix {self.mix!r} is unknown. Fix: use one of {', '.join(DRAFT_MIXES)}")
+        if self.prompts == 0 and self.sharegpt == 0:
+            raise LeanLMError("--prompts 0 and --sharegpt 0 leave no training data. Fix: give one of them > 0")
+        if self.init is not None and not (Path(self.init) / "draft_config.json").exists():
+            raise LeanLMError(f"--init {self.init} is not a draft head folder (no draft_config.json). Fix: pass a "
+                              "folder written by `leanlm spec train-draft`")
+        out = Path(self.out)
+        if self.stage != "data" and out.exists() and any(out.iterdir()) and not self.overwrite:
+            raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass "
+                              "--overwrite")
+        if self.stage == "train" and not any(d.exists() and any(d.glob("shard-*.safetensors"))
+                                             for d in (self.answers_dir, self.sharegpt_dir)):
+            raise LeanLMError(f"--stage train needs feature shards in {self.answers_dir} or {self.sharegpt_dir}. "
+                              "Fix: run --stage data first or pass the --data / --sharegpt-data folders that hold them")
+        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
+            raise LeanLMError(f"--device {self.device!r} is not available here. Fix: use --device cpu, or cuda on a "
+                              "machine with a GPU")
+
+    # ------------------------------------------------------------------------------------------------- stages
+    def build_data(self, model, tokenizer, say: Callable[[str], None]) -> None:
+        """Fill the feature caches (resuming what is there)."""
+        model.to(getattr(torch, self.data_dtype))
+        if self.prompts:
+            build_feature_cache(model, tokenizer, draft_prompts(self.prompts, self.seed, self.mix), self.answers_dir,
+                                self.max_new_tokens, self.batch_size)
+        if self.sharegpt:
+            tag = f"seed{self.seed}:max_len{self.max_len}"
+            if self.val_sharegpt:  # first: small, and what every epoch is scored on
+                held, _ = sharegpt.sharegpt_sequences(tokenizer, self.val_sharegpt, self.max_len, self.seed,
+                                                      part="held-out")
+                build_conversation_cache(model, held, self.sharegpt_dir / "held-out", source=f"sharegpt-v3:held-out:{tag}")
+            seqs, st = sharegpt.sharegpt_sequences(tokenizer, self.sharegpt, self.max_len, self.seed)
+            say(f"ShareGPT: {st['records']:,} conversations read, {st['dropped_evaluation']} dropped for quoting an "
+                f"evaluation prompt, {st['held_out']:,} held out; training on {st['used']:,} ({st['tokens']:,} "
+                f"tokens, {st['answer_tokens']:,} answer tokens)")
+            build_conversation_cache(model, seqs, self.sharegpt_dir, source=f"sharegpt-v3:train:{tag}")
+            rate = extraction_rate(self.sharegpt_dir)
+            say(f"feature extraction: {rate['tokens']:,} tokens in {rate['seconds']:.0f}s "
+                f"({rate['tokens_per_s']:.0f} tokens/s)")
+        model.to(torch.float32)
+
+    def load_data(self) -> tuple[list, list | None]:
+        """(training sequences, held-out sequences or None) from the caches."""
+        data = load_feature_cache(self.answers_dir) if self.prompts and self.answers_dir.exists() else []
+        if self.sharegpt and self.sharegpt_dir.exists():
+            data += load_feature_cache(self.sharegpt_dir)
+        held_dir = self.sharegpt_dir / "held-out"
+        if self.sharegpt and self.val_sharegpt and held_dir.exists():
+            return data, load_feature_cache(held_dir)
+        if not 0 <= self.val_prompts < len(data):
+            raise LeanLMError(f"--val-prompts {self.val_prompts} must be >= 0 and leave training data ({len(data)} "
+                              f"sequences in the cache). Fix: e.g. --val-prompts {min(64, len(data) // 10)}")
+        if not self.val_prompts:
+            return data, None
+        return data[: len(data) - self.val_prompts], data[len(data) - self.val_prompts:]
+
+    def run(self, model, tokenizer, say: Callable[[str], None] = print) -> EagleDraftHead | None:
+        """Build the data (stage all/data), then train and save the head (stage all/train); returns the head."""
+        t = time.perf_counter()
+        torch.manual_seed(self.seed)
+        if self.stage in ("all", "data"):
+            self.build_data(model, tokenizer, say)
+        train, val = self.load_data()
+        answers = sum(int(answer_mask(d).sum()) for d in train)
+        say(f"draft data: {len(train)} sequences, {sum(len(d[0]) for d in train):,} tokens ({answers:,} answer "
+            f"tokens) ({time.perf_counter() - t:.0f}s)")
+        if self.stage == "data":
+            return None
+        counts = answer_token_counts(train, model.config.vocab_size)
+        vocab = select_draft_vocab(counts, self.draft_vocab) if self.draft_vocab else None
+        if vocab is not None:
+            held = f", held-out {coverage(answer_token_counts(val, model.config.vocab_size), vocab):.3f}" if val else ""
+            say(f"draft vocabulary: the {len(vocab):,} most frequent answer ids cover {coverage(counts, vocab):.3f} of "
+                f"the training answer tokens{held}")
+        history: list = []
+        if self.init is not None:  # continue training a head (over the new draft vocabulary, if one is asked for)
+            init, init_meta = EagleDraftHead.load(self.init, model.config)
+            history = init_meta.get("history", []) + [{k: init_meta.get(k) for k in ("command", "steps",
+                                                                                      "final_train")}]
+            head = EagleDraftHead(init.config, vocab if vocab is not None else init.draft_vocab)
+            head.load_state_dict({k: v for k, v in init.state_dict().items() if k != "draft_vocab"}, strict=False)
+        else:
+            head = EagleDraftHead(head_config(model.config), vocab)
+        head.to(self.device)
+        cfg = self.train or DraftTrainConfig(seed=self.seed, max_len=self.max_len)
+        logs = train_head(head, model.get_input_embeddings(), model.get_output_embeddings(), train, cfg,
+                          val_data=val)
+        last = logs[-1]
+        val_log = [lg["val"] for lg in logs if "val" in lg]
+        meta = {k: v for k, v in asdict(self).items() if k != "train"} | {
+            "train": asdict(cfg), "epochs": cfg.epochs, "lr": cfg.lr, "cls_weight": cfg.cls_weight,
+            "sequences": len(train), "answer_tokens": answers, "steps": len(logs),
+            "final_train": last, "history": history, "val_by_epoch": val_log,
+            "draft_vocab_coverage": coverage(counts, vocab),
+            "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])}
+        head.save(self.out, meta=meta, dtype=torch.float16 if self.save_fp16 else None)
+        held = f", held-out {val_log[-1]['acc']:.3f}" if val_log else ""
+        say(f"draft head saved to {self.out}: {len(logs)} steps, final training next-token accuracy {last['acc']:.3f}"
+            f"{held}, feature loss {last['reg']:.4f}")
+        return head
