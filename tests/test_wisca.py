@@ -357,3 +357,17 @@ def test_lr_control_refuses_latent_attention():
                        num_key_value_heads=2, max_position_embeddings=64, attention="asa", **SPARSE)
     with pytest.raises(ConfigError, match="wisca.apply"):
         control_multipliers(LeanLMForCausalLM(cfg), WiscaConfig(apply="lr"))
+
+
+def test_trainer_takes_the_run_configs_callbacks_unless_given_others(tiny_config):
+    from leanlm.runconfig import build_run_config
+    from leanlm.train import Trainer
+    from leanlm.wisca import WiscaCallback
+
+    raw = tiny_config(max_steps=2, ckpt_every=0, eval_every=0)
+    raw["wisca"] = {"every": 1}
+    run = build_run_config(raw)
+    assert [type(cb) for cb in Trainer(run).callbacks] == [WiscaCallback]  # the trainer itself names no WISCA
+    assert Trainer(run, callbacks=[]).callbacks == []
+    raw["wisca"] = {"every": 0}
+    assert Trainer(build_run_config(raw)).callbacks == []

@@ -37,11 +37,11 @@ def _offline() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from leanlm.runconfig import load_run_config, run_callbacks
+    from leanlm.runconfig import load_run_config
     from leanlm.train import Trainer
 
     run = load_run_config(args.config, args.set)
-    trainer = Trainer(run, callbacks=run_callbacks(run))
+    trainer = Trainer(run)  # with the run config's callbacks (WISCA when its section is on)
     try:
         metrics = trainer.fit()
     finally:

@@ -45,6 +45,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model": dict(self.model), **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
 
+    def callbacks(self) -> list[Callback]:
+        """The training callbacks this config asks for (`run_callbacks`); the trainer's default."""
+        return run_callbacks(self)
+
 
 # The sections besides `model`, in file order, with their dataclasses (read from RunConfig's own fields).
 SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(RunConfig).items() if name != "model"}

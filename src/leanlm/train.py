@@ -165,14 +165,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class Trainer:
     """Trains a `LeanLMForCausalLM` described by a `RunConfig` (its model, data and train sections). Call `fit()`.
-    `callbacks` run at step boundaries; the trainer knows nothing of what they do (WISCA is one, see
-    `leanlm.runconfig.run_callbacks`)."""
+    `callbacks` run at step boundaries; the trainer knows nothing of what they do (WISCA is one: by default the
+    run config's own callbacks, `run.callbacks()`, are used)."""
 
-    def __init__(self, run: "RunConfig", callbacks: Iterable[Callback] = (), data: PreparedData | None = None):
+    def __init__(self, run: "RunConfig", callbacks: Iterable[Callback] | None = None,
+                 data: PreparedData | None = None):
         self.run = run
         self.cfg: TrainConfig = run.train
         self.data_cfg: DataConfig = run.data
-        self.callbacks = list(callbacks)  # e.g. `leanlm.runconfig.run_callbacks(run)`: WISCA plugs in here
+        # None: the run config's own callbacks (`run.callbacks()`: WISCA's when its section is on); a list replaces
+        # them, so add `*run.callbacks()` to keep those
+        self.callbacks = list(run.callbacks() if callbacks is None else callbacks)
         self.model_config = run.model_config()
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.rank = int(os.environ.get("RANK", "0"))
