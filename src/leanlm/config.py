@@ -277,14 +277,16 @@ class LeanLMConfig(PreTrainedConfig):
                               f"selection block l'={ls} (NSA's d | l, d | l')", "use e.g. l=32, d=16, l'=64")
         if self.nsa_window % ls:
             raise ConfigError("nsa_window", f"window {self.nsa_window} is not a multiple of the selection block "
-                              f"nsa_select_block={ls}", f"use a multiple of {ls}, e.g. {max(ls, self.nsa_window // ls * ls)}")
+                              f"nsa_select_block={ls}",
+                              f"use a multiple of {ls}, e.g. {max(ls, self.nsa_window // ls * ls)}")
         blocks = math.ceil(self.max_position_embeddings / ls)
         if n > blocks:
             raise ConfigError("nsa_select_count", f"top-n={n} (layer {layer_idx}) is more than the {blocks} blocks of "
                               f"{ls} tokens at the configured context max_position_embeddings="
                               f"{self.max_position_embeddings}", f"use nsa_select_count <= {blocks}")
         if self.nsa_init_blocks < 0:
-            raise ConfigError("nsa_init_blocks", f"must be >= 0 (always-selected first blocks), got {self.nsa_init_blocks}",
+            raise ConfigError("nsa_init_blocks",
+                              f"must be >= 0 (always-selected first blocks), got {self.nsa_init_blocks}",
                               "use e.g. nsa_init_blocks: 1")
         if self.nsa_local_blocks < 1:
             raise ConfigError("nsa_local_blocks", f"must be >= 1 (the current block is always selected), got "

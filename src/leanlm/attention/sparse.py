@@ -6,9 +6,9 @@ arguments (fla's convention for `naive_nsa` / `parallel_nsa`), so one layer body
 Queries sit at the contiguous positions q_start, q_start + 1, ... (an int, like the kernels'); only `select_blocks`
 takes a position tensor, since query grouping selects for a strided subset of the rows. Block selection reads the
 compression branch's log-sum-exp (not its probability matrix), as the on-device top-n kernel does. All work in
-"KV group" form: queries q [B, H, T, Dk], keys k [B, G, S, Dk] and values v [B, G, S, Dv], where query head h belongs to group
-h // (H / G). For NSA the groups are the GQA key/value heads; for ASA's global layers they are GLA's latent heads
-in absorbed form (Dk = d_c + d_r, Dv = d_c). Positions are absolute token positions; keys start at `k_start`.
+"KV group" form: queries q [B, H, T, Dk], keys k [B, G, S, Dk] and values v [B, G, S, Dv], where query head h
+belongs to group h // (H / G). For NSA the groups are the GQA key/value heads; for ASA's global layers they are
+GLA's latent heads in absorbed form (Dk = d_c + d_r, Dv = d_c). Positions are absolute token positions; keys start at `k_start`.
 
 Semantics (NSA, arXiv 2502.11089, with fla's reading where the paper leaves room):
   compression  block m pools keys/values m*d .. m*d+l-1 (`compress`); a query at position p sees block m only once

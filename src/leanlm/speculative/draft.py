@@ -72,14 +72,20 @@ class EagleDraftHead(nn.Module):
             t2d[ids] = torch.arange(len(ids))
             self.register_buffer("target_to_draft", t2d, persistent=False)  # [V] draft index or -100
 
-    def draft_logits(self, lm_head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
-        """Logits [..., N] over the draft vocabulary (all V ids without one) from predicted features [..., C]."""
-        w = lm_head.weight
+    def draft_head_rows(self, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight [N, C] (and bias) restricted to the draft vocabulary: gathered once per session or
+        training run (gathering 8k x 576 floats per call would cost more than the matmul saves)."""
+        w, bias = lm_head.weight, getattr(lm_head, "bias", None)
         if self.draft_vocab is None:
-            return lm_head(feats.to(w.dtype))
-        bias = getattr(lm_head, "bias", None)
-        return nn.functional.linear(feats.to(w.dtype), w[self.draft_vocab],
-                                    None if bias is None else bias[self.draft_vocab])
+            return w, bias
+        return w[self.draft_vocab].contiguous(), None if bias is None else bias[self.draft_vocab]
+
+    def draft_logits(self, lm_head: nn.Module, feats: torch.Tensor,
+                     rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Logits [..., N] over the draft vocabulary (all V ids without one) from predicted features [..., C];
+        `rows`: `draft_head_rows(lm_head)`, computed once by the caller."""
+        w, bias = rows if rows is not None else self.draft_head_rows(lm_head)
+        return nn.functional.linear(feats.to(w.dtype), w, bias)
 
     def draft_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """Target ids -> indices into the draft vocabulary (-100 for ids outside it); identity without one."""
@@ -160,6 +166,7 @@ class DraftSession:
 
     def __init__(self, head: EagleDraftHead, embed: nn.Module, lm_head: nn.Module):
         self.head, self.embed, self.lm_head = head.eval(), embed, lm_head
+        self._rows = head.draft_head_rows(lm_head)  # the LM-head rows drafting scores (all, or the draft vocabulary)
         self.device = next(head.parameters()).device
         self.dtype = next(head.parameters()).dtype
         self.cache = LeanCache(1)
@@ -175,7 +182,7 @@ class DraftSession:
     def _logp(self, feats: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [..., V] over target ids: over the draft vocabulary when the head has one (-inf
         elsewhere, so strategies see target ids and never propose an id outside it)."""
-        logp = torch.log_softmax(self.head.draft_logits(self.lm_head, feats).float(), dim=-1)
+        logp = torch.log_softmax(self.head.draft_logits(self.lm_head, feats, self._rows).float(), dim=-1)
         if self.head.draft_vocab is None:
             return logp
         full = logp.new_full((*logp.shape[:-1], self.head.config.vocab_size), float("-inf"))
@@ -242,11 +249,12 @@ class DraftSession:
 
 
 class ModelDrafter:
-    """A `Drafter` that runs a whole causal LM over each candidate sequence, without a cache: the target drafting for
-    itself (acceptance then limited only by numerics) or any small LM with the target's vocabulary. Slow (one full
-    forward per tree layer): the reference drafter of the tests and of benchmarks/gpu_check.py's self-drafting runs. `noise` adds Gaussian noise of that scale to the logits (seeded),
-    so that drafts are often, not always, right; `first` is the prompt's first token (the engine's prefill hands the
-    drafter the prompt from its second token on)."""
+    """A `Drafter` that runs a whole causal LM over each candidate sequence, without a cache: the target drafting
+    for itself (acceptance then limited only by numerics) or any small LM with the target's vocabulary. Slow (one
+    full forward per tree layer): the reference drafter of the tests and of benchmarks/gpu_check.py's self-drafting
+    runs. `noise` adds Gaussian noise of that scale to the logits (seeded), so that drafts are often, not always,
+    right; `first` is the prompt's first token (the engine's prefill hands the drafter the prompt from its second
+    token on)."""
 
     def __init__(self, model, noise: float = 0.0, seed: int = 0, first: int | None = None):
         self.model, self.noise = model, noise

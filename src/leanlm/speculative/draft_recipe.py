@@ -96,7 +96,8 @@ class DraftRecipe:
             if self.val_sharegpt:  # first: small, and what every epoch is scored on
                 held, _ = sharegpt.sharegpt_sequences(tokenizer, self.val_sharegpt, self.max_len, self.seed,
                                                       part="held-out")
-                build_conversation_cache(model, held, self.sharegpt_dir / "held-out", source=f"sharegpt-v3:held-out:{tag}")
+                build_conversation_cache(model, held, self.sharegpt_dir / "held-out",
+                                         source=f"sharegpt-v3:held-out:{tag}")
             seqs, st = sharegpt.sharegpt_sequences(tokenizer, self.sharegpt, self.max_len, self.seed)
             say(f"ShareGPT: {st['records']:,} conversations read, {st['dropped_evaluation']} dropped for quoting an "
                 f"evaluation prompt, {st['held_out']:,} held out; training on {st['used']:,} ({st['tokens']:,} "

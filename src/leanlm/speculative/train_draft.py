@@ -1,13 +1,16 @@
 """Training an EAGLE draft head: teacher-forced target features over token sequences, then a small training loop.
 
-Data (`answer_with_features`, cached by `build_feature_cache`): prompts in the target's chat format, answered by the target itself (greedy), so the head
-learns the distribution it will be asked to predict. `collect_features` runs the target once over each sequence and
-keeps its last-layer features (fp16) with the tokens.
+Data: the target's own greedy answers to prompts in its chat format (`answer_with_features`, cached by
+`build_feature_cache`), so the head learns the distribution it will be asked to predict; or conversations whose
+tokens are given (ShareGPT, `build_conversation_cache`), one teacher-forced forward each. `collect_features` runs the
+target once over each sequence and keeps its last-layer features (fp16) with the tokens. Every sequence carries an
+answer mask (`answer_mask`): the loss is on the predictions of answer tokens only.
 
 Loss (EAGLE-1): for pair j = (feature j, token j+1) the head predicts feature j+1; regression loss smooth-L1 against
-the target's feature, plus `cls_weight` (0.1) times the cross-entropy of the LM head's prediction for token j+2.
-Uniform noise U(-a, a) on the input features, with a = `noise` (0.1, EAGLE's value) times the features' RMS, makes
-the head robust to its own errors at draft time.
+the target's feature, plus `cls_weight` (0.1) times the cross-entropy of the LM head's prediction for token j+2
+(over the head's draft vocabulary when it has one). Uniform noise U(-a, a) on the input features, with a = `noise`
+(0.1, EAGLE's value) times the features' RMS, makes the head robust to its own errors at draft time. The reduced
+draft vocabulary (FR-Spec) is chosen by `select_draft_vocab` from `answer_token_counts`.
 """
 
 from __future__ import annotations
@@ -97,11 +100,11 @@ def loss_weights(answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats: torch.Tensor,
                cfg: DraftTrainConfig, generator: torch.Generator | None = None, prompt_len: int = 0,
-               answer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+               answer: torch.Tensor | None = None, rows=None) -> tuple[torch.Tensor, dict]:
     """Loss of one sequence: tokens [T], feats [T, C]; only predictions of answer tokens count (`answer` [T] bool,
     else the tokens from `prompt_len` on), the rest is read as context. With a reduced draft vocabulary
     (`head.draft_vocab`) the cross-entropy is over it (answer tokens outside it are not in the loss, and count as
-    misses in the accuracy: they cannot be drafted)."""
+    misses in the accuracy: they cannot be drafted). `rows`: `head.draft_head_rows(lm_head)`, gathered once."""
     param = next(head.parameters())
     dtype, device = param.dtype, param.device
     tokens, feats = tokens.to(device), feats.to(device)
@@ -117,7 +120,7 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
     pred = head(f_in, emb, pos)[0]  # predicted features of positions 1..T-1
     target = feats[1:].to(dtype)
     reg = (F.smooth_l1_loss(pred, target, reduction="none").mean(-1) * w_reg).sum() / w_reg.sum().clamp(min=1)
-    logits = head.draft_logits(lm_head, pred[:-1]).float()  # [T-2, N]: tokens 2..T-1
+    logits = head.draft_logits(lm_head, pred[:-1], rows).float()  # [T-2, N]: tokens 2..T-1
     labels = head.draft_ids(tokens[2:])  # -100 outside the draft vocabulary
     ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * (labels >= 0)
     n = w_cls.sum().clamp(min=1)
@@ -149,13 +152,14 @@ def evaluate_head(head: EagleDraftHead, embed, lm_head, data: list, cfg: DraftTr
     was_training = head.training
     head.eval()
     clean = dataclasses.replace(cfg, noise=0.0)
+    rows = head.draft_head_rows(lm_head)
     totals, n = {"reg": 0.0, "cls": 0.0, "acc": 0.0}, 0
     for d in data:
         tokens, feats, answer = _context_cut(d[0], d[1], answer_mask(d), cfg.max_context)
         m = _predicted(answer)
         if m <= 0:
             continue
-        _, st = draft_loss(head, embed, lm_head, tokens, feats, clean, None, answer=answer)
+        _, st = draft_loss(head, embed, lm_head, tokens, feats, clean, None, answer=answer, rows=rows)
         for k in totals:
             totals[k] += st[k] * m
         n += m
@@ -172,6 +176,7 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
     for p in list(embed.parameters()) + list(lm_head.parameters()):
         p.requires_grad_(False)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rows = head.draft_head_rows(lm_head)  # frozen: gathered once for the whole run
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = [_context_cut(d[0], d[1], answer_mask(d), cfg.max_context) for d in data]
@@ -200,7 +205,7 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
             stats = {"reg": 0.0, "cls": 0.0, "acc": 0.0}
             for tokens, feats, answer, m in batch:
                 with torch.autocast(next(head.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, st = draft_loss(head, embed, lm_head, tokens, feats, cfg, gen, answer=answer)
+                    loss, st = draft_loss(head, embed, lm_head, tokens, feats, cfg, gen, answer=answer, rows=rows)
                 (loss * m / n).backward()
                 for k in stats:
                     stats[k] += st[k] * m / n
