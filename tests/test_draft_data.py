@@ -305,3 +305,32 @@ def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
     assert len(auto) == 1 and auto[0]["identical_outputs"] == 1
     assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--size-from",
                  str(tmp_path / "none.safetensors")]) == 2  # refused before any model is loaded
+
+
+def test_training_time_test_steps_compute_what_drafting_computes():
+    """Step b of the training-time test at position i+1 equals the draft session's node at depth b+1 after a prefix
+    of i+1-b positions: same keys, the head's own features as input."""
+    from leanlm.speculative.train_draft import ttt_predictions
+
+    torch.manual_seed(3)
+    target = tiny()
+    head = EagleDraftHead(head_config(target.config)).eval()
+    tokens = torch.randint(0, V, (14,))
+    feats = collect_features(target, [tokens.tolist()], progress=False)[0][1].float()
+    emb_layer, lm = target.get_input_embeddings(), target.get_output_embeddings()
+    with torch.no_grad():
+        preds = ttt_predictions(head, feats[:-1][None], emb_layer(tokens[1:][None]), torch.arange(1, 14)[None], 2)
+        for prefix in (3, 6, 9):  # pairs at positions 1..prefix are teacher-forced
+            s = DraftSession(head, emb_layer, lm)
+            s.prefill(feats[:prefix], tokens[1:prefix + 1])
+            torch.testing.assert_close(s._feat[0], preds[0][prefix - 1], atol=1e-5, rtol=1e-4)
+            s.expand(torch.tensor([1]), tokens[prefix + 1:prefix + 2], torch.tensor([0]))  # depth 1
+            torch.testing.assert_close(s._feat[1], preds[1][prefix], atol=1e-5, rtol=1e-4)
+            s.expand(torch.tensor([2]), tokens[prefix + 2:prefix + 3], torch.tensor([1]))  # depth 2
+            torch.testing.assert_close(s._feat[2], preds[2][prefix + 1], atol=1e-5, rtol=1e-4)
+    cfg = DraftTrainConfig(noise=0.0, ttt_steps=2)
+    loss, st = draft_loss(head, emb_layer, lm, tokens, feats, cfg)
+    base, _ = draft_loss(head, emb_layer, lm, tokens, feats, DraftTrainConfig(noise=0.0))
+    assert {"acc_step1", "acc_step2", "reg_step2"} <= set(st) and loss.item() > base.item()
+    loss.backward()
+    assert head.fc.weight.grad is not None and torch.isfinite(head.fc.weight.grad).all()

@@ -132,7 +132,7 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
 
     train = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
                              batch_tokens=args.batch_tokens, max_context=args.max_context, cls_weight=args.cls_weight,
-                             max_len=args.max_len)
+                             max_len=args.max_len, ttt_steps=args.ttt_steps, ttt_weight=args.ttt_weight)
     recipe = DraftRecipe(
         target=args.target, out=args.out, prompts=args.prompts, mix=args.mix, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, data_dtype=args.data_dtype, data=args.data, sharegpt=args.sharegpt,
@@ -419,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--sharegpt-data", default=None, help="feature cache folder of the ShareGPT conversations "
                     "(default: OUT-sharegpt beside --out); resumed shard by shard")
     td.add_argument("--max-len", type=positive_int, default=1024, help="tokens kept per conversation / sequence")
+    td.add_argument("--ttt-steps", type=non_negative_int, default=0,
+                    help="EAGLE-3's training-time test: extra steps where the head reads its own predicted features, "
+                    "with the attention of drafting at that depth (0 = EAGLE-1's teacher forcing only)")
+    td.add_argument("--ttt-weight", type=non_negative_float, default=1.0, help="loss weight of each extra step")
     td.add_argument("--draft-vocab", type=non_negative_int, default=0,
                     help="draft over the N most frequent answer ids only (FR-Spec / EAGLE-3; 0 = full vocabulary)")
     td.add_argument("--max-new-tokens", type=positive_int, default=128)

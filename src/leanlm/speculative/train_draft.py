@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from leanlm.checkpoint import atomic_write_file, atomic_write_text
 from leanlm.errors import LeanLMError
 from leanlm.schedule import lr_lambda
+from leanlm.rope import Positions
 from leanlm.speculative.draft import EagleDraftHead
 from leanlm.speculative.prompts import encode_chat
 
@@ -49,6 +50,8 @@ class DraftTrainConfig:
     max_len: int = 512
     bf16: bool = False  # autocast to bfloat16 (on CPU it recasts the frozen LM head every call: slower there)
     max_context: int | None = None  # prompt tokens kept before each answer (None = all)
+    ttt_steps: int = 0  # EAGLE-3's training-time test: extra steps fed the head's own features (0 = EAGLE-1)
+    ttt_weight: float = 1.0  # weight of each extra step's loss against the teacher-forced step's
 
 
 @torch.no_grad()
@@ -98,6 +101,44 @@ def loss_weights(answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([nxt, answer[-1:]]).float(), nxt.float()
 
 
+def ttt_mask(length: int, step: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean [(step+1)L, (step+1)L] attention mask over `step + 1` blocks of L positions (block b = the inputs of
+    step b), True = attend. Row i of block b (position i+1) is what drafting computes at depth b for a prefix that
+    ends at position i+1-b: it sees the teacher-forced keys of that prefix (block 0, positions <= i-b) and, of the
+    nodes drafted after it, the one at each depth c <= b (block c, position i-b+c) -- its ancestors and itself.
+    Block 0 is plain causal attention."""
+    n = length * (step + 1)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    i = torch.arange(length, device=device)
+    for b in range(step + 1):
+        rows = b * length + i
+        mask[rows[:, None], i[None, :]] = i[None, :] <= (i - b)[:, None] if b else i[None, :] <= i[:, None]
+        for c in range(1, b + 1):
+            col = i - b + c
+            ok = col >= 0
+            mask[rows[ok], c * length + col[ok]] = True
+    return mask
+
+
+def ttt_predictions(head: EagleDraftHead, f_in: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor,
+                    steps: int) -> list[torch.Tensor]:
+    """The head's predicted features [L, C] at each step 0..steps: step 0 reads the target's features f_in
+    [1, L, C] (teacher forcing), step b reads at position i+1 the feature it predicted at step b-1 for position i
+    (its own, as when drafting at depth b), with the keys of earlier steps under `ttt_mask`. emb [1, L, C] are the
+    embeddings of the tokens, pos [1, L] the positions."""
+    length = f_in.shape[1]
+    blocks, preds = [], []
+    feats = f_in
+    for b in range(steps + 1):
+        blocks.append(head.fc(torch.cat([emb, feats], dim=-1)))  # [1, L, C]
+        x = torch.cat(blocks, dim=1)  # [1, (b+1)L, C]
+        mask = ttt_mask(length, b, x.device) if b else None
+        out = head.layer(x, Positions(pos.repeat(1, b + 1)), None, None if mask is None else mask[None, None])
+        preds.append(out[0, b * length:])  # block b: this step's predictions
+        feats = torch.cat([f_in[:, :1], preds[-1][None, :-1]], dim=1)  # position i+1 reads the prediction for i
+    return preds
+
+
 def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats: torch.Tensor,
                cfg: DraftTrainConfig, generator: torch.Generator | None = None, prompt_len: int = 0,
                answer: torch.Tensor | None = None, rows=None) -> tuple[torch.Tensor, dict]:
@@ -117,16 +158,22 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
         f_in = f_in + (noise * 2 - 1) * scale
     emb = embed(tokens[1:][None]).to(dtype)  # tokens 1..T-1
     pos = torch.arange(1, len(tokens), device=device)[None]
-    pred = head(f_in, emb, pos)[0]  # predicted features of positions 1..T-1
     target = feats[1:].to(dtype)
-    reg = (F.smooth_l1_loss(pred, target, reduction="none").mean(-1) * w_reg).sum() / w_reg.sum().clamp(min=1)
-    logits = head.draft_logits(lm_head, pred[:-1], rows).float()  # [T-2, N]: tokens 2..T-1
     labels = head.draft_ids(tokens[2:])  # -100 outside the draft vocabulary
-    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * (labels >= 0)
-    n = w_cls.sum().clamp(min=1)
-    cls = (ce * w_cls).sum() / (w_cls * (labels >= 0)).sum().clamp(min=1)
-    acc = (((logits.argmax(-1) == labels) & (labels >= 0)).float() * w_cls).sum() / n
-    return reg + cfg.cls_weight * cls, {"reg": reg.item(), "cls": cls.item(), "acc": acc.item()}
+    preds = ttt_predictions(head, f_in, emb, pos, cfg.ttt_steps) if cfg.ttt_steps else [head(f_in, emb, pos)[0]]
+    total, stats = 0.0, {}
+    for b, pred in enumerate(preds):  # pred: predicted features of positions 1..T-1 at step b
+        first = (torch.arange(len(pred), device=device) >= b).float()  # rows with a prefix at this depth
+        wr, wc = w_reg * first, w_cls * first[:-1]
+        reg = (F.smooth_l1_loss(pred, target, reduction="none").mean(-1) * wr).sum() / wr.sum().clamp(min=1)
+        logits = head.draft_logits(lm_head, pred[:-1], rows).float()  # [T-2, N]: tokens 2..T-1
+        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * (labels >= 0)
+        cls = (ce * wc).sum() / (wc * (labels >= 0)).sum().clamp(min=1)
+        acc = (((logits.argmax(-1) == labels) & (labels >= 0)).float() * wc).sum() / wc.sum().clamp(min=1)
+        total = total + (1.0 if b == 0 else cfg.ttt_weight) * (reg + cfg.cls_weight * cls)
+        st = {"reg": reg.item(), "cls": cls.item(), "acc": acc.item()}
+        stats.update(st if b == 0 else {f"{k}_step{b}": v for k, v in st.items()})
+    return total, stats
 
 
 def _context_cut(tokens: torch.Tensor, feats: torch.Tensor, answer: torch.Tensor,
@@ -148,20 +195,22 @@ def _predicted(answer: torch.Tensor) -> int:
 @torch.no_grad()
 def evaluate_head(head: EagleDraftHead, embed, lm_head, data: list, cfg: DraftTrainConfig) -> dict:
     """Teacher-forced next-token accuracy and losses of `head` on draft sequences (see `answer_mask`), without
-    feature noise, weighted by predicted answer tokens."""
+    feature noise, weighted by predicted answer tokens; with `cfg.ttt_steps` also those of the head fed its own
+    features (`acc_step1`, ...: the accuracy at drafting depth 2, ...)."""
     was_training = head.training
     head.eval()
     clean = dataclasses.replace(cfg, noise=0.0)
     rows = head.draft_head_rows(lm_head)
-    totals, n = {"reg": 0.0, "cls": 0.0, "acc": 0.0}, 0
+    totals: dict[str, float] = {}
+    n = 0
     for d in data:
         tokens, feats, answer = _context_cut(d[0], d[1], answer_mask(d), cfg.max_context)
         m = _predicted(answer)
         if m <= 0:
             continue
         _, st = draft_loss(head, embed, lm_head, tokens, feats, clean, None, answer=answer, rows=rows)
-        for k in totals:
-            totals[k] += st[k] * m
+        for k, v in st.items():  # with ttt_steps also the accuracy at each drafting depth (acc_step1, ...)
+            totals[k] = totals.get(k, 0.0) + v * m
         n += m
     head.train(was_training)
     return {k: v / max(n, 1) for k, v in totals.items()} | {"tokens": n}
