@@ -70,14 +70,14 @@ def timer(device, default_warmup: int = 2):
 def make_layer(fields: dict, layer_idx: int, device, dtype):
     import torch
 
-    from leanlm.attention import ATTENTION_REGISTRY
+    from leanlm.attention import ATTENTION_CLASSES
     from leanlm.config import LeanLMConfig
 
     cfg = LeanLMConfig(**{**LAYER, **fields, "max_position_embeddings": fields.get("max_position_embeddings", 1 << 17),
                           "attention_kernels": "triton"})
     torch.manual_seed(0)
     kind = cfg.layer_attention[layer_idx]
-    return ATTENTION_REGISTRY[kind](cfg, layer_idx).to(device, dtype)
+    return ATTENTION_CLASSES[kind](cfg, layer_idx).to(device, dtype)
 
 
 def layer_step(layer, t: int, device, dtype, flash_only: bool):
