@@ -176,8 +176,10 @@ class LeanCache:
             yield st
 
     def keep(self, start: int, index: torch.Tensor) -> None:
-        """Keep positions [0, start) and then positions start + index [n] (ascending), dropping the rest: what tree
-        verification does with the accepted path. Only full-attention states (GQA, MLA, GLA) support it."""
+        """Keep positions [0, start) and then positions start + index [n] (ascending), dropping the rest: one
+        sequence's accepted path written in place and the cache cropped after it (the engine uses the batched
+        `move` and crops per row; this is the single-sequence form). Only full-attention states (GQA, MLA, GLA)
+        support it."""
         for st in self._full_attention_states("keep"):
             st.keep(start, index)
 
