@@ -43,7 +43,7 @@ def main() -> int:
 
     from leanlm.speculative.draft import DraftSession, EagleDraftHead
     from leanlm.speculative.sharegpt import sharegpt_sequences
-    from leanlm.speculative.train_draft import coverage, select_draft_vocab
+    from leanlm.speculative.train_draft import answer_token_counts, coverage, select_draft_vocab
 
     torch.set_num_threads(1)
     model, tok = load_model_and_tokenizer("smollm2")
@@ -53,12 +53,8 @@ def main() -> int:
     held, _ = sharegpt_sequences(tok, args.held_out, args.max_len, part="held-out")
     encode_s = time.perf_counter() - t0
 
-    def counts(seqs):
-        c = torch.zeros(v, dtype=torch.long)
-        for ids, mask in seqs:
-            t = torch.tensor(ids)[torch.tensor(mask)]
-            c += torch.bincount(t, minlength=v)
-        return c
+    def counts(seqs):  # (ids, mask) lists as draft sequences without features
+        return answer_token_counts([(torch.tensor(ids), None, torch.tensor(mask)) for ids, mask in seqs], v)
 
     c_train, c_held = counts(train), counts(held)
     sizes = [int(x) for x in args.sizes.split(",")]

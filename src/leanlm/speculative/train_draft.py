@@ -331,6 +331,18 @@ def answer_with_features(model, tokenizer, prompts: list[str], max_new_tokens: i
     bar.close()
 
 
+def _pin_meta(folder: Path, meta: dict, built: str) -> None:
+    """Write a feature cache's `meta.json`, or refuse a folder whose `meta.json` says it was built otherwise."""
+    path = folder / "meta.json"
+    if not path.exists():
+        atomic_write_text(path, json.dumps(meta, indent=1))
+        return
+    old = json.loads(path.read_text())
+    if {k: old.get(k) for k in meta} != meta:
+        raise LeanLMError(f"feature cache {folder} was built {built} ({old}). Fix: pass another --data folder or "
+                          "delete this one")
+
+
 def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path, max_new_tokens: int,
                         batch_size: int = 64, shard_prompts: int = 256, progress: bool = True) -> Path:
     """Answer `prompts` with features (`answer_with_features`) into `folder`, one safetensors shard per
@@ -343,14 +355,7 @@ def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path
     meta = {"max_new_tokens": max_new_tokens, "num_prompts": len(prompts), "shard_prompts": shard_prompts,
             "prompts_sha1": hashlib.sha1("\x00".join(prompts).encode()).hexdigest(),
             "hidden_size": model.config.hidden_size, "dtype": str(next(model.parameters()).dtype)}
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if {k: old.get(k) for k in meta} != meta:
-            raise LeanLMError(f"feature cache {folder} was built with other settings ({old}). Fix: pass another "
-                              "--data folder or delete this one")
-    else:
-        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    _pin_meta(folder, meta, "with other settings")
     shards = range(0, len(prompts), shard_prompts)
     todo = [s for s in shards if not (folder / f"shard-{s // shard_prompts:05d}.safetensors").exists()]
     for s in tqdm(todo, desc="feature shards", disable=not progress):
@@ -398,14 +403,7 @@ def build_conversation_cache(model, sequences: list[tuple[list[int], list[bool]]
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"source": source, "shard_size": shard_size, "hidden_size": model.config.hidden_size,
             "dtype": str(next(model.parameters()).dtype)}
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if {k: old.get(k) for k in meta} != meta:
-            raise LeanLMError(f"feature cache {folder} was built from other sequences or settings ({old}). Fix: pass "
-                              "another --data folder or delete this one")
-    else:
-        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    _pin_meta(folder, meta, "from other sequences or settings")
     device = next(model.parameters()).device
     starts = range(0, len(sequences), shard_size)
     path_of = lambda s: folder / f"shard-{s // shard_size:05d}.safetensors"  # noqa: E731
