@@ -49,8 +49,8 @@ def main() -> int:
     model, tok = load_model_and_tokenizer("smollm2")
     v = model.config.vocab_size
     t0 = time.perf_counter()
-    train, stats = sharegpt_sequences(tok, args.conversations, args.max_len)
-    held, _ = sharegpt_sequences(tok, args.held_out, args.max_len, part="held-out")
+    seqs, stats = sharegpt_sequences(tok, {"train": args.conversations, "held-out": args.held_out}, args.max_len)
+    train, held = seqs["train"], seqs["held-out"]
     encode_s = time.perf_counter() - t0
 
     def counts(seqs):  # (ids, mask) lists as draft sequences without features

@@ -112,12 +112,12 @@ def test_assistant_mask_covers_exactly_the_answers(smol_tokenizer):
 def test_sharegpt_sequences_from_a_file(tmp_path, smol_tokenizer):
     recs = [record(f"c{i}_0", ("human", f"Tell me about topic {i}."), ("gpt", f"Topic {i} is nice.")) for i in range(30)]
     write_cut_file(tmp_path / "s.json", recs + [record("cut_0", ("human", "x"), ("gpt", "y"))])
-    seqs, stats = sg.sharegpt_sequences(smol_tokenizer, 10, 256, seed=0, path=tmp_path / "s.json", progress=False)
-    assert len(seqs) == 10 and stats["records"] == 30 and stats["used"] == 10
-    assert stats["answer_tokens"] == sum(sum(m) for _, m in seqs) > 0
-    held, hstats = sg.sharegpt_sequences(smol_tokenizer, 30, 256, seed=0, part="held-out", path=tmp_path / "s.json",
-                                         progress=False)
-    assert hstats["held_out"] == len(held) and not set(map(tuple, (s[0] for s in held))) & set(
+    parts, stats = sg.sharegpt_sequences(smol_tokenizer, {"train": 10, "held-out": 30}, 256, seed=0,
+                                         path=tmp_path / "s.json", progress=False)
+    seqs, held = parts["train"], parts["held-out"]
+    assert len(seqs) == 10 and stats["records"] == 30 and stats["train"]["used"] == 10
+    assert stats["train"]["answer_tokens"] == sum(sum(m) for _, m in seqs) > 0
+    assert stats["held_out_pool"] == len(held) and not set(map(tuple, (s[0] for s in held))) & set(
         map(tuple, (s[0] for s in seqs)))
 
 

@@ -93,16 +93,17 @@ class DraftRecipe:
                                 self.max_new_tokens, self.batch_size)
         if self.sharegpt:
             tag = f"seed{self.seed}:max_len{self.max_len}"
-            if self.val_sharegpt:  # first: small, and what every epoch is scored on
-                held, _ = sharegpt.sharegpt_sequences(tokenizer, self.val_sharegpt, self.max_len, self.seed,
-                                                      part="held-out")
-                build_conversation_cache(model, held, self.sharegpt_dir / "held-out",
-                                         source=f"sharegpt-v3:held-out:{tag}")
-            seqs, st = sharegpt.sharegpt_sequences(tokenizer, self.sharegpt, self.max_len, self.seed)
+            counts = {"held-out": self.val_sharegpt} if self.val_sharegpt else {}
+            seqs, st = sharegpt.sharegpt_sequences(tokenizer, counts | {"train": self.sharegpt}, self.max_len,
+                                                   self.seed)
+            tr = st["train"]
             say(f"ShareGPT: {st['records']:,} conversations read, {st['dropped_evaluation']} dropped for quoting an "
-                f"evaluation prompt, {st['held_out']:,} held out; training on {st['used']:,} ({st['tokens']:,} "
-                f"tokens, {st['answer_tokens']:,} answer tokens)")
-            build_conversation_cache(model, seqs, self.sharegpt_dir, source=f"sharegpt-v3:train:{tag}")
+                f"evaluation prompt, {st['held_out_pool']:,} held out; training on {tr['used']:,} ({tr['tokens']:,} "
+                f"tokens, {tr['answer_tokens']:,} answer tokens)")
+            if self.val_sharegpt:  # first: small, and what every epoch is scored on
+                build_conversation_cache(model, seqs["held-out"], self.sharegpt_dir / "held-out",
+                                         source=f"sharegpt-v3:held-out:{tag}")
+            build_conversation_cache(model, seqs["train"], self.sharegpt_dir, source=f"sharegpt-v3:train:{tag}")
             rate = extraction_rate(self.sharegpt_dir)
             say(f"feature extraction: {rate['tokens']:,} tokens in {rate['seconds']:.0f}s "
                 f"({rate['tokens_per_s']:.0f} tokens/s)")

@@ -203,30 +203,36 @@ def encode_conversation(tokenizer, conv: Conversation, max_len: int) -> tuple[li
     return tokens[:max_len], mask[:max_len]
 
 
-def sharegpt_sequences(tokenizer, n: int, max_len: int, seed: int = 0, part: str = "train",
-                       held_out: float = 0.02, progress: bool = True,
-                       path: str | Path | None = None) -> tuple[list[tuple[list[int], list[bool]]], dict]:
-    """The first `n` conversations of one side (`part`: train | held-out) of the split of `path` (default: the
-    installed ShareGPT V3), encoded for the target (`encode_conversation`), with counts of what was read, dropped
-    and kept."""
-    if part not in ("train", "held-out"):
-        raise LeanLMError(f"part {part!r} is not train or held-out. Fix: use one of them")
+def sharegpt_sequences(tokenizer, counts: dict[str, int], max_len: int, seed: int = 0, held_out: float = 0.02,
+                       progress: bool = True, path: str | Path | None = None
+                       ) -> tuple[dict[str, list[tuple[list[int], list[bool]]]], dict]:
+    """The first `counts[part]` conversations of each side (`part`: train | held-out) of the split of `path`
+    (default: the installed ShareGPT V3), encoded for the target (`encode_conversation`); the file is read and split
+    once for all parts. Returns {part: sequences} and counts of what was read, dropped and kept (per part under
+    its name)."""
+    bad = set(counts) - {"train", "held-out"}
+    if bad:
+        raise LeanLMError(f"part {sorted(bad)[0]!r} is not train or held-out. Fix: use one of them")
     convs = conversations(path)
     train, held, dropped = split(convs, held_out, seed, evaluation_keys())
-    pool = train if part == "train" else held
-    out, inconsistent = [], 0
-    bar = tqdm(total=min(n, len(pool)), desc=f"ShareGPT {part}", disable=not progress, leave=False)
-    for conv in pool:
-        if len(out) >= n:
-            break
-        enc = encode_conversation(tokenizer, conv, max_len)
-        if enc is None or not any(enc[1]):
-            inconsistent += enc is None
-            continue
-        out.append(enc)
-        bar.update(1)
-    bar.close()
-    stats = {"records": len(convs), "train": len(train), "held_out": len(held), "dropped_evaluation": dropped,
-             "not_prefix_consistent": inconsistent, "used": len(out), "tokens": sum(len(x[0]) for x in out),
-             "answer_tokens": sum(sum(x[1]) for x in out), "part": part, "seed": seed, "max_len": max_len}
+    stats: dict = {"records": len(convs), "train_pool": len(train), "held_out_pool": len(held),
+                   "dropped_evaluation": dropped, "seed": seed, "max_len": max_len}
+    out: dict[str, list[tuple[list[int], list[bool]]]] = {}
+    for part, n in counts.items():
+        pool = train if part == "train" else held
+        seqs, inconsistent = [], 0
+        bar = tqdm(total=min(n, len(pool)), desc=f"ShareGPT {part}", disable=not progress, leave=False)
+        for conv in pool:
+            if len(seqs) >= n:
+                break
+            enc = encode_conversation(tokenizer, conv, max_len)
+            if enc is None or not any(enc[1]):
+                inconsistent += enc is None
+                continue
+            seqs.append(enc)
+            bar.update(1)
+        bar.close()
+        out[part] = seqs
+        stats[part] = {"not_prefix_consistent": inconsistent, "used": len(seqs),
+                       "tokens": sum(len(x[0]) for x in seqs), "answer_tokens": sum(sum(x[1]) for x in seqs)}
     return out, stats
