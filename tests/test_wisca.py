@@ -226,7 +226,7 @@ def test_optimizer_state_modes(mode):
 
 # ----------------------------------------------------------------------------------------------- training
 def test_training_callback_schedule_and_invariance(tiny_config):
-    from leanlm.runconfig import build_run_config, run_callbacks
+    from leanlm.runconfig import build_run_config
     from leanlm.train import Callback, Trainer
 
     class Probe(Callback):  # records validation loss at every 4th step end
@@ -241,7 +241,7 @@ def test_training_callback_schedule_and_invariance(tiny_config):
     raw["wisca"] = {"every": 4}
     before, after = Probe(), Probe()
     run = build_run_config(raw)
-    trainer = Trainer(run, callbacks=[before, *run_callbacks(run)])
+    trainer = Trainer(run, callbacks=[before, *run.callbacks()])
     wisca_cb = trainer.callbacks[-1]
     trainer.callbacks.append(after)  # runs after WISCA's transition
     trainer.fit()
@@ -267,13 +267,13 @@ def test_transition_inside_training_preserves_validation_loss(tiny_config):
 
 
 def test_lr_control_sets_per_tensor_learning_rates(tiny_config):
-    from leanlm.runconfig import build_run_config, run_callbacks
+    from leanlm.runconfig import build_run_config
     from leanlm.train import Trainer
 
     raw = tiny_config(max_steps=2, ckpt_every=0, eval_every=0, warmup_steps=0)
     raw["wisca"] = {"every": 100, "apply": "lr"}
     run = build_run_config(raw)
-    trainer = Trainer(run, callbacks=run_callbacks(run))
+    trainer = Trainer(run, callbacks=run.callbacks())
     q_before = trainer.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     trainer.callbacks[-1].on_train_start(trainer)
     attn = trainer.model.model.layers[0].self_attn

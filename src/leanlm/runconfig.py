@@ -5,7 +5,7 @@
 `RunConfig` is the typed tree of those sections (torchtitan-style: each component owns its config dataclass; this
 module only composes them, with no registry). `build_run_config` validates a nested dict into one: unknown sections
 or keys, values of the wrong type and values that contradict another section raise `ConfigError` naming the key and
-the fix, before any work starts. `run_callbacks` turns the sections that plug into training (WISCA) into the
+the fix, before any work starts. `RunConfig.callbacks()` turns the sections that plug into training (WISCA) into the
 trainer's callbacks, so the trainer itself knows only the `Callback` protocol.
 """
 
@@ -46,17 +46,12 @@ class RunConfig:
         return {"model": dict(self.model), **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
 
     def callbacks(self) -> list[Callback]:
-        """The training callbacks this config asks for (`run_callbacks`); the trainer's default."""
-        return run_callbacks(self)
+        """The training callbacks this config asks for, the trainer's default: WISCA's when its section is on."""
+        return [WiscaCallback(self.wisca)] if self.wisca.enabled else []
 
 
 # The sections besides `model`, in file order, with their dataclasses (read from RunConfig's own fields).
 SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(RunConfig).items() if name != "model"}
-
-
-def run_callbacks(run: RunConfig) -> list[Callback]:
-    """The training callbacks the run config asks for: WISCA's when its section is on."""
-    return [WiscaCallback(run.wisca)] if run.wisca.enabled else []
 
 
 # LeanLMConfig writes its annotations as strings of these parts (`int | None`, `str | list[str]`, ...).
