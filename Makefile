@@ -25,11 +25,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/leanlm demo
 
+# -n auto: one pytest-xdist worker per core (2 on the CI machine); worksteal evens out the long tests.
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --dist worksteal
 
 test-all: setup
-	$(VENV)/bin/pytest -q -m ""
+	$(VENV)/bin/pytest -q -n auto --dist worksteal -m ""
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

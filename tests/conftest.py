@@ -13,6 +13,12 @@ os.environ.setdefault("LEANLM_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs `-n auto`) every worker gets its share of the cores, so two workers on two cores
+# do not each start two BLAS threads; set before torch is imported (torch reads it once).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
 # Triton kernels run on CPU tensors through the interpreter; Triton reads this when it first decorates a kernel, so it
 # is set before any test module imports leanlm (on a GPU: LEANLM_TEST_DEVICE=cuda TRITON_INTERPRET=0).
 if os.environ.get("LEANLM_TEST_DEVICE", "cpu") == "cpu":

@@ -21,7 +21,7 @@ import yaml
 
 from leanlm.checkpoint import list_checkpoints, save_checkpoint
 from leanlm.cli import main
-from leanlm.errors import CheckpointError, ConfigError, DataError, ModelError, TrainingError
+from leanlm.errors import CheckpointError, ConfigError, ModelError, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,34 @@ def test_pruning_goes_by_step_and_never_deletes_the_new_checkpoint(tmp_path):
     assert (root / "latest").read_text().strip() == "step-100000001"
 
 
+def _build_once(target: Path, log: Path) -> None:
+    from leanlm.lock import build_lock
+
+    if target.exists():
+        return
+    with build_lock(target):
+        if target.exists():
+            return
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough that every other process reaches the lock while this one builds
+        target.write_text("built")
+
+
+def test_build_lock_builds_a_shared_cache_once_across_processes(tmp_path):
+    import multiprocessing as mp
+
+    target, log = tmp_path / "cache" / "model", tmp_path / "builds.log"
+    procs = [mp.get_context("fork").Process(target=_build_once, args=(target, log)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert len(log.read_text().splitlines()) == 1  # one builder; the other three waited and found it built
+    assert target.read_text() == "built"
+
+
 def test_second_trainer_on_one_out_dir_is_refused(tiny_config, tmp_path):
     raw = tiny_config(max_steps=2, ckpt_every=2, eval_every=2)
     cfg = write_cfg(tmp_path / "cfg.yaml", raw)
@@ -170,7 +198,7 @@ def test_truncated_last_metrics_line_survives_resume(trained):
 def test_changed_model_config_on_resume_is_one_line(trained):
     cfg, _, _ = trained
     rc, _, err = run(["train", cfg, "--set", "model.hidden_size=128", "--set", "train.max_steps=12"])
-    last = assert_one_line_error(rc, err, "hidden_size: 64 -> 128")
+    assert_one_line_error(rc, err, "hidden_size: 64 -> 128")
     assert err.strip().count("\n") == 0, err
 
 

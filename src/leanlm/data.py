@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from leanlm.corpus import Document, cache_root, iter_documents, source_parts
+from leanlm.lock import build_lock
 from leanlm.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
@@ -247,7 +248,9 @@ def prepare_data(cfg: DataConfig, vocab_size: int) -> PreparedData:
     key = hashlib.sha1(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     out = cache_root() / "data" / key
     if not (out / "meta.json").exists():
-        _build(cfg, vocab_size, out, key_src)
+        with build_lock(out):  # two processes preparing the same data: one builds, the other waits and reads
+            if not (out / "meta.json").exists():
+                _build(cfg, vocab_size, out, key_src)
     meta = json.loads((out / "meta.json").read_text())
     from transformers import AutoTokenizer
 

@@ -1,14 +1,18 @@
-"""An exclusive lock on a run's out_dir, so that two trainers never write into the same folder at once.
+"""Kernel locks between processes: `OutDirLock`, so that two trainers never write into the same run folder at once,
+and `build_lock`, so that a cache folder two processes want at once (the converted SmolLM2, a token cache) is built
+by one of them while the other waits and then reads it.
 
-The lock is `fcntl.flock` on `<out_dir>/.lock` (a real kernel lock: it is released when the holding process exits,
-even by SIGKILL, so a crashed run never leaves a stale lock behind). The file itself stays; it holds the pid of the
-last holder for the error message. POSIX only (Linux, macOS), like the rest of leanlm's training stack.
+Both are `fcntl.flock` on a small file (a real kernel lock: it is released when the holding process exits, even by
+SIGKILL, so a crashed run never leaves a stale lock behind). The files stay; the run lock's holds the pid of the last
+holder for the error message. POSIX only (Linux, macOS), like the rest of leanlm's training stack.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from leanlm.errors import RunLockedError
@@ -66,3 +70,23 @@ class OutDirLock:
             self.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+@contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive, blocking lock for building folder or file `target` (on `.NAME.build-lock` beside it).
+
+    The pattern: check that `target` is complete; if not, take the lock, check again (another process may have built
+    it while this one waited), and build only if it is still missing. Parallel test workers, torchrun ranks and two
+    commands started together then build a cache once instead of racing to rename it into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}.build-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)

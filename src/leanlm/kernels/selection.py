@@ -52,7 +52,7 @@ def _fwd_kernel(Q, K, V, IDX, O, LSE,
                 COUNT: tl.constexpr, QG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr,
                 BDV: tl.constexpr):
     b, g, tok, head, ok, t0 = _rows(H, G, T, q_start, QG, BM)
-    dk, dv = tl.arange(0, BDK), tl.arange(0, BDV)
+    dv = tl.arange(0, BDV)
     pos = q_start + tok
     q = load_tile(Q + b * sqb, head * sqh + tok * sqt, 1, ok, DK, BDK)  # [BM, DK]
     m_i = tl.full([BM], float("-inf"), tl.float32)
