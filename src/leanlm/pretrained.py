@@ -141,3 +141,7 @@ def load_model_and_tokenizer(path: str, device: str = "cpu") -> tuple[Any, Any]:
         raise CheckpointError(f"cannot load the tokenizer in {path} ({type(exc).__name__}: {first}). Fix: restore "
                               f"its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
     return model.to(device).eval(), tokenizer
+
+
+if __name__ == "__main__":  # `python -m leanlm.pretrained`: convert the bundled SmolLM2 once (used by `make setup`)
+    print(f"SmolLM2-135M-Instruct: {smollm2_135m_instruct()}")
