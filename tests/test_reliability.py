@@ -101,17 +101,15 @@ def test_pruning_goes_by_step_and_never_deletes_the_new_checkpoint(tmp_path):
 
 
 def _build_once(target: Path, log: Path) -> None:
-    from leanlm.lock import build_lock
+    from leanlm.lock import build_once
 
-    if target.exists():
-        return
-    with build_lock(target):
-        if target.exists():
-            return
+    def build() -> None:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(0.5)  # long enough that every other process reaches the lock while this one builds
         target.write_text("built")
+
+    build_once(target, target.exists, build)
 
 
 def test_build_lock_builds_a_shared_cache_once_across_processes(tmp_path):

