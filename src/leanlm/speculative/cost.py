@@ -62,7 +62,8 @@ def draft_layer_seconds(head, target, width: int = 10, context: int = 256, repea
     g = torch.Generator().manual_seed(seed)
     vocab, hidden = tgt.config.vocab_size, tgt.config.hidden_size
     session = DraftSession(head, tgt.embed_tokens, tgt.lm_head)
-    session.prefill(torch.randn(context, hidden, generator=g), torch.randint(0, vocab, (context,), generator=g))
+    width_in = hidden * len(getattr(head, "feature_layers", None) or (0,))  # EAGLE-3 reads several layers
+    session.prefill(torch.randn(context, width_in, generator=g), torch.randint(0, vocab, (context,), generator=g))
     sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats + 1):

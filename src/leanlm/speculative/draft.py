@@ -52,6 +52,9 @@ class EagleDraftHead(nn.Module):
     (N = 8k of SmolLM2's 49k ids costs ~1/6 of the full head) and maps the drafted ids back to target ids, so
     verification, and with it losslessness, is unchanged. None drafts over the whole vocabulary."""
 
+    arch = "eagle1"
+    feature_layers = None  # the target's last hidden state (after its final norm), what its LM head reads
+
     def __init__(self, config: LeanLMConfig, draft_vocab: torch.Tensor | None = None):
         super().__init__()
         self.config = config
@@ -90,6 +93,11 @@ class EagleDraftHead(nn.Module):
     def draft_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """Target ids -> indices into the draft vocabulary (-100 for ids outside it); identity without one."""
         return tokens if self.draft_vocab is None else self.target_to_draft[tokens]
+
+    def from_target(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's features as the head reads them: unchanged (EAGLE-1 reads the target's last hidden state and
+        its own predicted features alike; EAGLE-3 fuses several layers first, see `eagle3.Eagle3DraftHead`)."""
+        return features
 
     def forward(self, features: torch.Tensor, embeds: torch.Tensor, position_ids: torch.Tensor,
                 cache: LeanCache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,7 +172,7 @@ class DraftSession:
     few gathers and one head forward, with no loop over nodes.
     """
 
-    def __init__(self, head: EagleDraftHead, embed: nn.Module, lm_head: nn.Module):
+    def __init__(self, head: nn.Module, embed: nn.Module, lm_head: nn.Module):
         self.head, self.embed, self.lm_head = head.eval(), embed, lm_head
         self._rows = head.draft_head_rows(lm_head)  # the LM-head rows drafting scores (all, or the draft vocabulary)
         self.device = next(head.parameters()).device
@@ -210,7 +218,8 @@ class DraftSession:
         pos = torch.arange(self.prefix + 1, self.prefix + n + 1, device=self.device)[None]
         t0 = time.perf_counter()
         emb = self.embed(tokens[None]).to(self.dtype)
-        out = self.head(features[None].to(self.device, self.dtype), emb, pos, self.cache)  # [1, n, C]
+        hidden = self.head.from_target(features[None].to(self.device, self.dtype))  # [1, n, C]
+        out = self.head(hidden, emb, pos, self.cache)  # [1, n, C]
         self.prefix += n
         self._root_logp = self._logp(out[0, -1])
         self.forward_seconds += time.perf_counter() - t0

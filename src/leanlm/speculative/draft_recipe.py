@@ -8,6 +8,9 @@ vocabulary, training, and the saved head with what it was trained on. `leanlm sp
     vocab    `draft_vocab` > 0: the N most frequent answer ids of the training data (FR-Spec), else the full one
     train    EAGLE-1's loss (`train_head`), held-out accuracy after each epoch (held-out ShareGPT conversations, or
              the last `val_prompts` cached answers)
+    arch     "eagle1" (leanlm's own head, `draft.EagleDraftHead`) or "eagle3" (`eagle3.Eagle3DraftHead`: the target's
+             `feature_layers` go into the caches, EAGLE-3's loss, saved as a speculators folder vLLM serves;
+             `verifier` is the target's name or path written into it)
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.speculative import sharegpt
 from leanlm.speculative.draft import EagleDraftHead, head_config
+from leanlm.speculative.eagle3 import Eagle3DraftHead, check_feature_layers, default_feature_layers
+from leanlm.speculative.heads import is_head_folder, load_head
 from leanlm.speculative.prompts import DRAFT_MIXES, draft_prompts
 from leanlm.speculative.train_draft import (DraftTrainConfig, answer_mask, answer_token_counts,
                                             build_conversation_cache, build_feature_cache, coverage, extraction_rate,
@@ -52,6 +57,16 @@ class DraftRecipe:
     overwrite: bool = False
     seed: int = 0
     device: str = "cpu"
+    arch: str = "eagle1"  # eagle1 | eagle3
+    feature_layers: tuple[int, ...] | None = None  # EAGLE-3: target layers read (default [2, L // 2, L - 3])
+    verifier: str | None = None  # EAGLE-3: the target's name/path in the speculators config (default: --target)
+
+    def layers_for(self, config) -> tuple[int, ...] | None:
+        """The target layers an EAGLE-3 head reads (checked against the target), None for EAGLE-1."""
+        if self.arch != "eagle3":
+            return None
+        layers = self.feature_layers or default_feature_layers(config.num_hidden_layers)
+        return check_feature_layers(layers, config.num_hidden_layers)
 
     @property
     def answers_dir(self) -> Path:
@@ -69,9 +84,13 @@ class DraftRecipe:
             raise LeanLMError(f"--mix {self.mix!r} is unknown. Fix: use one of {', '.join(DRAFT_MIXES)}")
         if self.prompts == 0 and self.sharegpt == 0:
             raise LeanLMError("--prompts 0 and --sharegpt 0 leave no training data. Fix: give one of them > 0")
-        if self.init is not None and not (Path(self.init) / "draft_config.json").exists():
-            raise LeanLMError(f"--init {self.init} is not a draft head folder (no draft_config.json). Fix: pass a "
-                              "folder written by `leanlm spec train-draft`")
+        if self.arch not in ("eagle1", "eagle3"):
+            raise LeanLMError(f"--arch {self.arch!r} is unknown. Fix: use eagle1 or eagle3")
+        if self.feature_layers is not None and self.arch != "eagle3":
+            raise LeanLMError("--feature-layers is for EAGLE-3 heads. Fix: add --arch eagle3 or drop it")
+        if self.init is not None and not is_head_folder(self.init):
+            raise LeanLMError(f"--init {self.init} is not a draft head folder (no draft_config.json or speculators "
+                              "config.json). Fix: pass a folder written by `leanlm spec train-draft`")
         out = Path(self.out)
         if self.stage != "data" and out.exists() and any(out.iterdir()) and not self.overwrite:
             raise LeanLMError(f"output folder {out} exists and is not empty. Fix: choose a new folder or pass "
@@ -88,9 +107,10 @@ class DraftRecipe:
     def build_data(self, model, tokenizer, say: Callable[[str], None]) -> None:
         """Fill the feature caches (resuming what is there)."""
         model.to(getattr(torch, self.data_dtype))
+        layers = self.layers_for(model.config)
         if self.prompts:
             build_feature_cache(model, tokenizer, draft_prompts(self.prompts, self.seed, self.mix), self.answers_dir,
-                                self.max_new_tokens, self.batch_size)
+                                self.max_new_tokens, self.batch_size, feature_layers=layers)
         if self.sharegpt:
             tag = f"seed{self.seed}:max_len{self.max_len}"
             counts = {"held-out": self.val_sharegpt} if self.val_sharegpt else {}
@@ -102,8 +122,9 @@ class DraftRecipe:
                 f"tokens, {tr['answer_tokens']:,} answer tokens)")
             if self.val_sharegpt:  # first: small, and what every epoch is scored on
                 build_conversation_cache(model, seqs["held-out"], self.sharegpt_dir / "held-out",
-                                         source=f"sharegpt-v3:held-out:{tag}")
-            build_conversation_cache(model, seqs["train"], self.sharegpt_dir, source=f"sharegpt-v3:train:{tag}")
+                                         source=f"sharegpt-v3:held-out:{tag}", feature_layers=layers)
+            build_conversation_cache(model, seqs["train"], self.sharegpt_dir, source=f"sharegpt-v3:train:{tag}",
+                                     feature_layers=layers)
             rate = extraction_rate(self.sharegpt_dir)
             say(f"feature extraction: {rate['tokens']:,} tokens in {rate['seconds']:.0f}s "
                 f"({rate['tokens_per_s']:.0f} tokens/s)")
@@ -124,7 +145,13 @@ class DraftRecipe:
             return data, None
         return data[: len(data) - self.val_prompts], data[len(data) - self.val_prompts:]
 
-    def run(self, model, tokenizer, say: Callable[[str], None] = print) -> EagleDraftHead | None:
+    def new_head(self, config, vocab: torch.Tensor | None, lm_head) -> EagleDraftHead | Eagle3DraftHead:
+        """A fresh head of `arch` for the target (an EAGLE-3 head starts its LM head from the target's rows)."""
+        if self.arch == "eagle3":
+            return Eagle3DraftHead(head_config(config), self.layers_for(config), vocab).init_from_target(lm_head)
+        return EagleDraftHead(head_config(config), vocab)
+
+    def run(self, model, tokenizer, say: Callable[[str], None] = print) -> EagleDraftHead | Eagle3DraftHead | None:
         """Build the data (stage all/data), then train and save the head (stage all/train); returns the head."""
         t = time.perf_counter()
         torch.manual_seed(self.seed)
@@ -144,13 +171,23 @@ class DraftRecipe:
                 f"the training answer tokens{held}")
         history: list = []
         if self.init is not None:  # continue training a head (over the new draft vocabulary, if one is asked for)
-            init, init_meta = EagleDraftHead.load(self.init, model.config)
+            init, init_meta = load_head(self.init, model.config)
+            if init.arch != self.arch:
+                raise LeanLMError(f"--init {self.init} is an {init.arch} head, --arch is {self.arch}. Fix: pass "
+                                  f"--arch {init.arch}")
+            if self.arch == "eagle3" and init.feature_layers != self.layers_for(model.config):
+                raise LeanLMError(f"--init {self.init} reads target layers {list(init.feature_layers)}, the data "
+                                  f"{list(self.layers_for(model.config))}. Fix: pass --feature-layers "
+                                  + ",".join(map(str, init.feature_layers)))
+            init_meta = init_meta.get("leanlm", init_meta)
             history = init_meta.get("history", []) + [{k: init_meta.get(k) for k in ("command", "steps",
                                                                                       "final_train")}]
-            head = EagleDraftHead(init.config, vocab if vocab is not None else init.draft_vocab)
-            head.load_state_dict({k: v for k, v in init.state_dict().items() if k != "draft_vocab"}, strict=False)
+            head = self.new_head(model.config, vocab if vocab is not None else init.draft_vocab,
+                                 model.get_output_embeddings())
+            skip = ("draft_vocab", "d2t", "t2d", "lm_head.weight")  # the vocabulary (and its LM-head rows) may change
+            head.load_state_dict({k: v for k, v in init.state_dict().items() if k not in skip}, strict=False)
         else:
-            head = EagleDraftHead(head_config(model.config), vocab)
+            head = self.new_head(model.config, vocab, model.get_output_embeddings())
         head.to(self.device)
         cfg = self.train or DraftTrainConfig(seed=self.seed, max_len=self.max_len)
         logs = train_head(head, model.get_input_embeddings(), model.get_output_embeddings(), train, cfg,
@@ -163,8 +200,15 @@ class DraftRecipe:
             "final_train": last, "history": history, "val_by_epoch": val_log,
             "draft_vocab_coverage": coverage(counts, vocab),
             "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])}
-        head.save(self.out, meta=meta, dtype=torch.float16 if self.save_fp16 else None)
+        dtype = torch.float16 if self.save_fp16 else None
+        if self.arch == "eagle3":
+            head.save(self.out, verifier=self.verifier or self.target,
+                      verifier_architectures=list(getattr(model.config, "architectures", None) or []), meta=meta,
+                      dtype=dtype)
+        else:
+            head.save(self.out, meta=meta, dtype=dtype)
         held = f", held-out {val_log[-1]['acc']:.3f}" if val_log else ""
+        loss = f"feature loss {last['reg']:.4f}" if "reg" in last else f"KL {last['kl']:.4f}"
         say(f"draft head saved to {self.out}: {len(logs)} steps, final training next-token accuracy {last['acc']:.3f}"
-            f"{held}, feature loss {last['reg']:.4f}")
+            f"{held}, {loss}")
         return head

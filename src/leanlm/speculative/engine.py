@@ -137,6 +137,8 @@ class SpeculativeDecoder:
             raise ValueError(f"capacity {capacity} is too small for a {width}-token prompt, {max_new_tokens} new "
                              f"tokens and {bound}-node steps")
         tgt.start(b, capacity)
+        # the features the head reads: the last hidden state (EAGLE-1) or several layers' (EAGLE-3)
+        tgt.feature_layers = getattr(self.head, "feature_layers", None) if strategy is not None else None
         ids = torch.zeros(b, width, dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = torch.tensor(p)

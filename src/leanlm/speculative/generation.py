@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from leanlm.speculative.draft import EagleDraftHead
+from leanlm.speculative.heads import DraftHead, load_head
 from leanlm.speculative.engine import SpeculativeDecoder
 from leanlm.speculative.strategies import make_strategy
 from leanlm.speculative.tree import TreeStrategy
@@ -41,7 +41,7 @@ def _strategy(strategy: str | TreeStrategy, classifier, beta: float | None, kwar
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, draft: EagleDraftHead | str | Path, strategy: str | TreeStrategy = "eagle2",
+def generate(model, input_ids: torch.Tensor, draft: DraftHead | str | Path, strategy: str | TreeStrategy = "eagle2",
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              attention_mask: torch.Tensor | None = None, streamer=None, seed: int = 0, classifier=None,
@@ -57,7 +57,7 @@ def generate(model, input_ids: torch.Tensor, draft: EagleDraftHead | str | Path,
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if do_sample and not temperature > 0:
         raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
-    head = EagleDraftHead.load(draft, model.config)[0] if isinstance(draft, (str, Path)) else draft
+    head = load_head(draft, model.config)[0] if isinstance(draft, (str, Path)) else draft
     head = head.to(next(model.parameters()).device)
     tree = _strategy(strategy, classifier, beta, strategy_kwargs)
     gen_cfg = getattr(model, "generation_config", None)
@@ -95,7 +95,7 @@ def generate(model, input_ids: torch.Tensor, draft: EagleDraftHead | str | Path,
 
 
 @torch.no_grad()
-def decode_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, head: EagleDraftHead | None = None,
+def decode_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, head: DraftHead | None = None,
                 strategy: TreeStrategy | None = None, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                 compile: bool | str = False, on_text=None):
     """Plain (`strategy=None`) or speculative decoding of one prompt through leanlm's backend, with the text

@@ -96,6 +96,15 @@ class Target:
         self.device, self.dtype = p.device, p.dtype
         self.compile_stats = CompileStats()
         self.forward_seconds = 0.0  # time inside the model's forwards (steps and prefills), for overhead accounting
+        # Which features prefill/step return: None = the last hidden state (after the final norm; EAGLE-1), or ids
+        # into HF's `hidden_states` tuple (k = output of layer k-1), concatenated [.., kC] (EAGLE-3's layers).
+        self.feature_layers: tuple[int, ...] | None = None
+
+    def features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The features a draft head reads, from a forward's `hidden_states` (see `feature_layers`)."""
+        if self.feature_layers is None:
+            return hidden_states[-1]
+        return torch.cat([hidden_states[k] for k in self.feature_layers], dim=-1)
 
     @property
     def embed_tokens(self) -> torch.nn.Module:
@@ -110,13 +119,13 @@ class Target:
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] right-padded, lengths [B] -> logits at each row's last real token [B, V] (float32) and
-        features (last hidden states) [B, T, C]."""
+        features [B, T, C] (last hidden states; [B, T, kC] with `feature_layers`)."""
         raise NotImplementedError
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor, tree: torch.Tensor | None, lengths: torch.Tensor,
              start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, pos [B, N]; tree [B, N, N] bool or None (causal); lengths [B] -> logits [B, N, V] (float32) and
-        features [B, N, C]."""
+        features [B, N, C] (or [B, N, kC], see `feature_layers`)."""
         raise NotImplementedError
 
     def move(self, dst: torch.Tensor, index: torch.Tensor) -> None:
@@ -290,7 +299,7 @@ class HFTarget(Target):
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=self.cache,
                          use_cache=True, output_hidden_states=True)
-        return out.logits, out.hidden_states[-1]
+        return out.logits, self.features(out.hidden_states)
 
     def _mask(self, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
         return hf_tree_masks(self.model, visible[:, None], q_pos, k_pos)
@@ -310,7 +319,7 @@ class HFTarget(Target):
             None].expand(b, -1)), past_key_values=self.cache, use_cache=True, output_hidden_states=True,
             logits_to_keep=lengths - 1)
         logits = out.logits[torch.arange(b, device=self.device), torch.arange(b, device=self.device)]  # [B, V]
-        return logits.float(), out.hidden_states[-1]
+        return logits.float(), self.features(out.hidden_states)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: torch.Tensor, tree: torch.Tensor | None, lengths: torch.Tensor,
@@ -399,12 +408,12 @@ class LeanTarget(Target):
     def _run(self, ids, pos, mask, keep: torch.Tensor | None = None):
         t0 = time.perf_counter()
         out = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=self.cache,
-                               use_cache=True)
+                               use_cache=True, output_hidden_states=self.feature_layers is not None)
         h = out.last_hidden_state  # [B, T, C]
         picked = h if keep is None else h[torch.arange(h.shape[0], device=h.device), keep]
         logits = self.model.lm_head(picked).float()
         self.forward_seconds += time.perf_counter() - t0
-        return logits, h
+        return logits, h if self.feature_layers is None else self.features(out.hidden_states)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from leanlm.cache import LeanCache
 from leanlm.checkpoint import atomic_write_file, atomic_write_text
 from leanlm.errors import LeanLMError
 from leanlm.schedule import lr_lambda
@@ -55,9 +56,10 @@ class DraftTrainConfig:
 
 
 @torch.no_grad()
-def collect_features(model, sequences: list[list[int]], batch_size: int = 4,
-                     progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens [T] long, features [T, C] fp16) per sequence: the target's last hidden state at every position."""
+def collect_features(model, sequences: list[list[int]], batch_size: int = 4, progress: bool = True,
+                     feature_layers: tuple[int, ...] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens [T] long, features [T, C] fp16) per sequence: the target's last hidden state at every position (with
+    `feature_layers`: EAGLE-3's features, see `pick_features`)."""
     out = []
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -70,8 +72,8 @@ def collect_features(model, sequences: list[list[int]], batch_size: int = 4,
         for r, i in enumerate(idx):
             ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
             mask[r, : len(sequences[i])] = 1
-        hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                       use_cache=False).hidden_states[-1]
+        hidden = pick_features(model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     output_hidden_states=True, use_cache=False).hidden_states, feature_layers)
         for r, i in enumerate(idx):
             n = len(sequences[i])
             result[i] = (ids[r, :n].clone(), hidden[r, :n].to(torch.float16).cpu())
@@ -80,6 +82,21 @@ def collect_features(model, sequences: list[list[int]], batch_size: int = 4,
 
 
 DraftSequence = tuple  # (tokens [T] long, features [T, C], answer mask [T] bool | prompt length int | absent)
+
+
+def pick_features(hidden_states: tuple[torch.Tensor, ...], feature_layers: tuple[int, ...] | None) -> torch.Tensor:
+    """What a feature cache stores per token, from a forward's `hidden_states` (HF convention: index k = output of
+    layer k-1, the last entry after the final norm): EAGLE-1 (`feature_layers` None) the last hidden state [.., C];
+    EAGLE-3 the listed layers and then the last hidden state, concatenated [.., (k+1)C] (the head reads the first
+    kC, training scores it against the target's distribution computed from the last C)."""
+    if feature_layers is None:
+        return hidden_states[-1]
+    return torch.cat([hidden_states[k] for k in feature_layers] + [hidden_states[-1]], dim=-1)
+
+
+def _feature_meta(feature_layers: tuple[int, ...] | None) -> dict:
+    """The cache-meta entry of the features (absent for EAGLE-1's, so caches built before EAGLE-3 still match)."""
+    return {} if feature_layers is None else {"feature_layers": list(feature_layers)}
 
 
 def answer_mask(seq: DraftSequence) -> torch.Tensor:
@@ -176,6 +193,87 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
     return total, stats
 
 
+def target_rows(head, lm_head) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's LM-head weight [N, C] (and bias) over the head's draft vocabulary (all V ids without one): what
+    EAGLE-1 heads score with, and what EAGLE-3 training computes the target's distribution with."""
+    w, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if head.draft_vocab is None:
+        return w, bias
+    ids = head.draft_vocab.to(w.device)
+    return w[ids].contiguous(), None if bias is None else bias[ids]
+
+
+def eagle3_mask(length: int, step: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean [L, (step+1)L] attention mask of EAGLE-3's training-time test at `step` (as speculators builds it):
+    row i attends to the teacher-forced block causally (columns <= i) and, in each later block, to its own column i
+    (the earlier nodes of its own draft chain)."""
+    i = torch.arange(length, device=device)
+    blocks = [i[None, :] <= i[:, None]] + [i[None, :] == i[:, None]] * step
+    return torch.cat(blocks, dim=1)
+
+
+def eagle3_ttt_logits(head, embed, tokens: torch.Tensor, layer_feats: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The head's draft logits [n, N] at each training-time-test step 0..steps (n = T-1 rows; row i of step s
+    predicts token i+2+s, see `eagle3_loss`). tokens [T]; layer_feats [T, kC]: the target's layer features."""
+    dtype, device = next(head.parameters()).dtype, tokens.device
+    n = len(tokens) - 1
+    hidden = head.from_target(layer_feats[:-1].to(dtype))[None]  # [1, n, C]
+    cache = LeanCache(1)
+    rows = torch.arange(n, device=device)
+    out_logits = []
+    for step in range(steps + 1):
+        ids = torch.cat([tokens[1 + step:], tokens.new_zeros(step)])  # row i: token i+1+step (0 past the end)
+        mask = eagle3_mask(n, step, device)[None, None]  # [1, 1, n, (step+1)n]
+        hidden = head(hidden, embed(ids[None]).to(dtype), (rows + 1 + step)[None], cache, mask)  # [1, n, C]
+        out_logits.append(head.draft_logits(None, hidden[0]))  # the next step reads this step's output
+    return out_logits
+
+
+def eagle3_loss(head, embed, lm_head, tokens: torch.Tensor, feats: torch.Tensor, cfg: DraftTrainConfig,
+                generator: torch.Generator | None = None, prompt_len: int = 0,
+                answer: torch.Tensor | None = None, rows=None) -> tuple[torch.Tensor, dict]:
+    """EAGLE-3's loss of one sequence, as speculators trains it: `1 + cfg.ttt_steps` steps; step 0 reads the
+    head's fusion of the target's layer features (`head.from_target`), step s reads at row i the head's own output of
+    step s-1 with the true token s positions on, so row i of step s is the depth-(s+1) draft after the prefix that
+    ends at position i+1 (`eagle3_mask`). Each step's loss is the forward KL from the target's next-token
+    distribution over the draft vocabulary (from the last hidden state stored after the layer features) to the
+    head's, on rows whose predicted token is an answer token; extra steps weigh `cfg.ttt_weight`. No feature
+    regression and no feature noise (EAGLE-3 drops both). tokens [T]; feats [T, (k+1)C] (`pick_features`).
+    `rows`: `target_rows(head, lm_head)`, gathered once by the caller."""
+    param = next(head.parameters())
+    device = param.device
+    tokens, feats = tokens.to(device), feats.to(device)
+    answer = (torch.arange(len(tokens)) >= prompt_len if answer is None else answer).to(device)
+    width = head.config.hidden_size * len(head.feature_layers)
+    n = len(tokens) - 1  # rows i = 0 .. T-2: pair (layer features of token i, token i+1) at position i+1
+    w, bias = rows if rows is not None else target_rows(head, lm_head)
+    with torch.no_grad():
+        target_logp = torch.log_softmax(F.linear(feats[1:, width:].to(w.dtype), w, bias).float(), -1)  # [n, N]
+    labels = head.draft_ids(tokens)  # [T] draft index or -100
+    rows_i = torch.arange(n, device=device)
+    total, stats = 0.0, {}
+    for step, logits in enumerate(eagle3_ttt_logits(head, embed, tokens, feats[:, :width], cfg.ttt_steps)):
+        logp = torch.log_softmax(logits.float(), -1)  # [n, N]: row i predicts token i+2+step
+        valid = rows_i < n - step  # the target's distribution exists for rows whose prediction is in the sequence
+        tgt_row = (rows_i + step).clamp(max=n - 1)
+        tok = (rows_i + 2 + step).clamp(max=len(tokens) - 1)
+        wt = (valid & answer[tok]).float()
+        kl = (target_logp[tgt_row].exp() * (target_logp[tgt_row] - logp)).sum(-1)  # [n] KL(target || draft)
+        loss = (kl * wt).sum() / wt.sum().clamp(min=1)
+        acc = ((logp.argmax(-1) == labels[tok]) & (labels[tok] >= 0)).float()
+        acc = (acc * wt).sum() / wt.sum().clamp(min=1)
+        top = ((logp.argmax(-1) == target_logp[tgt_row].argmax(-1)).float() * wt).sum() / wt.sum().clamp(min=1)
+        total = total + (1.0 if step == 0 else cfg.ttt_weight) * loss
+        st = {"kl": loss.item(), "acc": acc.item(), "acc_target": top.item()}
+        stats.update(st if step == 0 else {f"{k}_step{step}": v for k, v in st.items()})
+    return total, stats
+
+
+def sequence_loss(head, *args, **kwargs) -> tuple[torch.Tensor, dict]:
+    """The loss of one sequence for this kind of head: EAGLE-1's `draft_loss` or EAGLE-3's `eagle3_loss`."""
+    return (eagle3_loss if getattr(head, "arch", "eagle1") == "eagle3" else draft_loss)(head, *args, **kwargs)
+
+
 def _context_cut(tokens: torch.Tensor, feats: torch.Tensor, answer: torch.Tensor,
                  max_context: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep at most `max_context` tokens before the first answer token (the loss is on answer positions only, so a
@@ -200,7 +298,7 @@ def evaluate_head(head: EagleDraftHead, embed, lm_head, data: list, cfg: DraftTr
     was_training = head.training
     head.eval()
     clean = dataclasses.replace(cfg, noise=0.0)
-    rows = head.draft_head_rows(lm_head)
+    rows = target_rows(head, lm_head)
     totals: dict[str, float] = {}
     n = 0
     for d in data:
@@ -208,7 +306,7 @@ def evaluate_head(head: EagleDraftHead, embed, lm_head, data: list, cfg: DraftTr
         m = _predicted(answer)
         if m <= 0:
             continue
-        _, st = draft_loss(head, embed, lm_head, tokens, feats, clean, None, answer=answer, rows=rows)
+        _, st = sequence_loss(head, embed, lm_head, tokens, feats, clean, None, answer=answer, rows=rows)
         for k, v in st.items():  # with ttt_steps also the accuracy at each drafting depth (acc_step1, ...)
             totals[k] = totals.get(k, 0.0) + v * m
         n += m
@@ -224,8 +322,11 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
     head.train()
     for p in list(embed.parameters()) + list(lm_head.parameters()):
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rows = head.draft_head_rows(lm_head)  # frozen: gathered once for the whole run
+    if getattr(head, "arch", "eagle1") == "eagle3":
+        head.lm_head.weight.requires_grad_(False)  # the target's rows, frozen (as speculators trains EAGLE-3)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rows = target_rows(head, lm_head)  # frozen: gathered once for the whole run
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = [_context_cut(d[0], d[1], answer_mask(d), cfg.max_context) for d in data]
@@ -251,19 +352,19 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
                 break
             opt.zero_grad(set_to_none=True)
             n = sum(d[3] for d in batch)
-            stats = {"reg": 0.0, "cls": 0.0, "acc": 0.0}
+            stats: dict[str, float] = {}
             for tokens, feats, answer, m in batch:
                 with torch.autocast(next(head.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, st = draft_loss(head, embed, lm_head, tokens, feats, cfg, gen, answer=answer, rows=rows)
+                    loss, st = sequence_loss(head, embed, lm_head, tokens, feats, cfg, gen, answer=answer, rows=rows)
                 (loss * m / n).backward()
-                for k in stats:
-                    stats[k] += st[k] * m / n
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+                for k, v in st.items():
+                    stats[k] = stats.get(k, 0.0) + v * m / n
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             logs.append({"epoch": epoch, **stats})
             bar.update(1)
-            bar.set_postfix(acc=f"{stats['acc']:.3f}", reg=f"{stats['reg']:.3f}")
+            bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("acc", "reg", "kl") if k in stats})
             batch, used = [], 0
         if val_data:
             logs[-1]["val"] = evaluate_head(head, embed, lm_head, val_data, cfg)
@@ -275,7 +376,8 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
 
 @torch.no_grad()
 def answer_with_features(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
-                         max_prompt_tokens: int = 384, progress: bool = True
+                         max_prompt_tokens: int = 384, progress: bool = True,
+                         feature_layers: tuple[int, ...] | None = None
                          ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
     """Answer each prompt greedily with the target and keep the target's features on the way.
 
@@ -283,7 +385,8 @@ def answer_with_features(model, tokenizer, prompts: list[str], max_new_tokens: i
     similar length (left padded, explicit positions). The features are the ones the generation computes anyway: the
     last hidden state of every token fed to the target, so no second teacher-forced pass is needed (a greedy
     answer's features equal its teacher-forced ones). A sequence ends with the first EOS (included) or after
-    `max_new_tokens` answer tokens. Prompts are cut to their last `max_prompt_tokens` tokens.
+    `max_new_tokens` answer tokens. Prompts are cut to their last `max_prompt_tokens` tokens. `feature_layers`:
+    EAGLE-3's features instead of the last hidden state (`pick_features`).
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -303,7 +406,7 @@ def answer_with_features(model, tokenizer, prompts: list[str], max_new_tokens: i
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                     output_hidden_states=True, logits_to_keep=1)
-        prompt_feats = out.hidden_states[-1].to(torch.float16).cpu()  # [B, width, C]
+        prompt_feats = pick_features(out.hidden_states, feature_layers).to(torch.float16).cpu()  # [B, width, C]
         cache, fed, feats = out.past_key_values, [], []
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         nxt = out.logits[:, -1].argmax(-1)  # [B]
@@ -314,7 +417,7 @@ def answer_with_features(model, tokenizer, prompts: list[str], max_new_tokens: i
                         use_cache=True, output_hidden_states=True, logits_to_keep=1)
             cache = out.past_key_values
             fed.append(nxt.cpu())
-            feats.append(out.hidden_states[-1][:, -1].to(torch.float16).cpu())
+            feats.append(pick_features(out.hidden_states, feature_layers)[:, -1].to(torch.float16).cpu())
             if eos is not None:
                 done |= nxt == eos
             if bool(done.all()):
@@ -338,13 +441,15 @@ def _pin_meta(folder: Path, meta: dict, built: str) -> None:
         atomic_write_text(path, json.dumps(meta, indent=1))
         return
     old = json.loads(path.read_text())
-    if {k: old.get(k) for k in meta} != meta:
+    keys = set(meta) | {"feature_layers"}  # an EAGLE-1 request must not read an EAGLE-3 cache either
+    if {k: old.get(k) for k in keys} != {k: meta.get(k) for k in keys}:
         raise LeanLMError(f"feature cache {folder} was built {built} ({old}). Fix: pass another --data folder or "
                           "delete this one")
 
 
 def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path, max_new_tokens: int,
-                        batch_size: int = 64, shard_prompts: int = 256, progress: bool = True) -> Path:
+                        batch_size: int = 64, shard_prompts: int = 256, progress: bool = True,
+                        feature_layers: tuple[int, ...] | None = None) -> Path:
     """Answer `prompts` with features (`answer_with_features`) into `folder`, one safetensors shard per
     `shard_prompts` prompts, each written atomically, so an interrupted run resumes where it stopped and the data is
     built once for several trainings. `meta.json` pins the settings; a folder built with other settings is refused.
@@ -354,7 +459,8 @@ def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"max_new_tokens": max_new_tokens, "num_prompts": len(prompts), "shard_prompts": shard_prompts,
             "prompts_sha1": hashlib.sha1("\x00".join(prompts).encode()).hexdigest(),
-            "hidden_size": model.config.hidden_size, "dtype": str(next(model.parameters()).dtype)}
+            "hidden_size": model.config.hidden_size, "dtype": str(next(model.parameters()).dtype)
+            } | _feature_meta(feature_layers)
     _pin_meta(folder, meta, "with other settings")
     shards = range(0, len(prompts), shard_prompts)
     todo = [s for s in shards if not (folder / f"shard-{s // shard_prompts:05d}.safetensors").exists()]
@@ -362,7 +468,7 @@ def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path
         chunk = prompts[s:s + shard_prompts]
         tensors = {}
         for i, tokens, feats, p in answer_with_features(model, tokenizer, chunk, max_new_tokens, batch_size,
-                                                        progress=progress):
+                                                        progress=progress, feature_layers=feature_layers):
             tensors[f"{i:05d}.tokens"], tensors[f"{i:05d}.features"] = tokens, feats.contiguous()
             tensors[f"{i:05d}.prompt_len"] = torch.tensor([p])
         atomic_write_file(folder / f"shard-{s // shard_prompts:05d}.safetensors",
@@ -371,13 +477,18 @@ def build_feature_cache(model, tokenizer, prompts: list[str], folder: str | Path
 
 
 @torch.no_grad()
-def last_hidden(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_hidden(model, ids: torch.Tensor, mask: torch.Tensor,
+                feature_layers: tuple[int, ...] | None = None) -> torch.Tensor:
     """The target's features [B, T, C]: its last hidden state (after the final norm, what its LM head reads), from
-    the decoder alone when the model exposes it (the LM head over every position would be wasted work)."""
+    the decoder alone when the model exposes it (the LM head over every position would be wasted work); with
+    `feature_layers` EAGLE-3's [B, T, (k+1)C] (`pick_features`)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is not None and decoder is not model:
-        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        out = decoder(input_ids=ids, attention_mask=mask, use_cache=False,
+                      output_hidden_states=feature_layers is not None)
+        return out.last_hidden_state if feature_layers is None else pick_features(out.hidden_states, feature_layers)
+    return pick_features(model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                               use_cache=False).hidden_states, feature_layers)
 
 
 def _shard_digest(chunk: list[tuple[list[int], list[bool]]]) -> str:
@@ -389,7 +500,7 @@ def _shard_digest(chunk: list[tuple[list[int], list[bool]]]) -> str:
 
 def build_conversation_cache(model, sequences: list[tuple[list[int], list[bool]]], folder: str | Path,
                              source: str, shard_size: int = 64, batch_tokens: int = 4096,
-                             progress: bool = True) -> Path:
+                             progress: bool = True, feature_layers: tuple[int, ...] | None = None) -> Path:
     """Teacher-forced target features of conversations (token ids + assistant mask each, e.g. ShareGPT through
     `sharegpt.encode_conversation`) into `folder`: one forward per conversation, no generation, so it runs at
     prompt-processing speed.
@@ -398,11 +509,12 @@ def build_conversation_cache(model, sequences: list[tuple[list[int], list[bool]]
     its sequences, so an interrupted run resumes at its first missing shard and a longer list of the same source
     (more conversations) only adds shards; `meta.json` pins the source and settings, and a folder whose shards hold
     other sequences is refused. `log.jsonl` has the tokens and seconds of every shard built (the extraction
-    tokens/s). Batches hold conversations of similar length, right-padded, up to `batch_tokens` tokens."""
+    tokens/s). Batches hold conversations of similar length, right-padded, up to `batch_tokens` tokens.
+    `feature_layers`: EAGLE-3's features (`pick_features`), pinned in `meta.json`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"source": source, "shard_size": shard_size, "hidden_size": model.config.hidden_size,
-            "dtype": str(next(model.parameters()).dtype)}
+            "dtype": str(next(model.parameters()).dtype)} | _feature_meta(feature_layers)
     _pin_meta(folder, meta, "from other sequences or settings")
     device = next(model.parameters()).device
     starts = range(0, len(sequences), shard_size)
@@ -442,7 +554,7 @@ def build_conversation_cache(model, sequences: list[tuple[list[int], list[bool]]
             for r, j in enumerate(group):
                 ids[r, : len(chunk[j][0])] = torch.tensor(chunk[j][0])
                 mask[r, : len(chunk[j][0])] = 1
-            hidden = last_hidden(model, ids.to(device), mask.to(device))  # [b, width, C]
+            hidden = last_hidden(model, ids.to(device), mask.to(device), feature_layers)  # [b, width, C or (k+1)C]
             for r, j in enumerate(group):
                 n = len(chunk[j][0])
                 key = f"{s + j:06d}"
