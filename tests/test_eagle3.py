@@ -308,3 +308,29 @@ def test_cli_trains_an_eagle3_head_that_generate_reads(tiny_config, tmp_path, ca
     assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h4"), *common,
                  "--data", str(tmp_path / "head-data")]) == 2
     assert "feature cache" in capsys.readouterr().err
+
+
+def test_draft_session_matches_the_training_time_test():
+    """What drafting computes with an EAGLE-3 head (DraftSession: prefill with the target's layer features, then a
+    chain of nodes each reading its parent's output) equals, number for number, what training computes at TTT steps
+    0, 1, 2 for the same prefix: training optimises the drafting the engine does."""
+    from leanlm.speculative.draft import DraftSession
+
+    target = tiny_llama()
+    vocab = torch.arange(0, V, 2)
+    head = random_head(target, vocab)
+    tokens, feats = _inputs(target, t=14, seed=7)
+    embed = target.get_input_embeddings()
+    with torch.no_grad():
+        steps = eagle3_ttt_logits(head, embed, tokens, feats, steps=2)
+    for p in (5, 9):  # prefix of pairs at positions 1..p: row p-1 of each TTT step
+        session = DraftSession(head, embed, target.lm_head)
+        session.prefill(feats[:p], tokens[1:p + 1])
+        got = [session.root()]
+        for depth in (1, 2):
+            node = torch.tensor([depth])
+            got.append(session.expand(node, tokens[p + depth: p + depth + 1], node - 1)[0])
+        for step, logp in enumerate(got):
+            expected = torch.log_softmax(steps[step][p - 1].float(), -1)
+            torch.testing.assert_close(logp[vocab], expected, rtol=1e-4, atol=1e-5, msg=f"prefix {p}, step {step}")
+            assert torch.isinf(logp[1::2]).all()  # ids outside the draft vocabulary are never drafted
