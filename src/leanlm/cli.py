@@ -177,12 +177,15 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
     head, _ = load_head(args.draft, model.config)
     head.to(model.device)
+    from leanlm.speculative.target import make_target
+
+    target = make_target(model, args.compile)  # sizes are measured on the backend that decodes (compiled or not)
     if trees is not None:
         from leanlm.speculative.bench import sized_strategies
         from leanlm.speculative.c2t import C2TClassifier
 
         clf = C2TClassifier.load(args.classifier)[0] if args.classifier else None
-        auto, chosen = sized_strategies(model, head, trees, clf)
+        auto, chosen = sized_strategies(target, head, trees, clf)
         strategies.update(auto)
         e2 = chosen["eagle2"]
         print(f"tree sizes for this machine (draft layer {chosen['draft_layer_seconds'] * 1000:.1f} ms, verify "
@@ -196,7 +199,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         for i, prompt in enumerate(prompts):
             check_fits_context(model, len(encode_chat(tokenizer, prompt)), args.max_new_tokens,
                                f"prompt {i} of {name}")
-    rows = run_bench(model, tokenizer, head, strategies, prompt_sets, args.max_new_tokens, compile=args.compile)
+    rows = run_bench(target, tokenizer, head, strategies, prompt_sets, args.max_new_tokens)
     table = markdown(rows)
     print(table)
     if args.out:

@@ -84,14 +84,17 @@ def markdown(rows: list[dict]) -> str:
 
 def sized_strategies(model, head, rows: dict[str, torch.Tensor], classifier=None,
                      top_k: int = 10) -> tuple[dict[str, TreeStrategy], dict]:
-    """Tree sizes for this machine: measure the target's verification seconds at 1..128 tree tokens and the draft's
-    seconds per layer here (`leanlm.speculative.cost`), then pick EAGLE-2's total_tokens/depth
+    """Tree sizes for this machine and backend: measure the target's verification seconds at 1..128 tree tokens
+    (`model` may be a compiled `Target`, `make_target(model, compile=True)`: then the compiled steps are measured)
+    and the draft's seconds per layer here (`leanlm.speculative.cost`), then pick EAGLE-2's total_tokens/depth
     (`cost_aware_eagle2`) and, with a classifier, C2T's beta (`cost_aware_beta`) from the collected trees `rows`.
     Returns the strategies ("eagle2:auto", "c2t:auto") and what was measured and chosen."""
-    vs = verify_seconds(model, [1, 2, 4, 8, 16, 32, 64, 128])
-    ds = draft_layer_seconds(head, model, width=top_k)
+    target = make_target(model)  # a compiled `Target` is measured compiled (each size compiles once, at warm-up)
+    vs = verify_seconds(target, [1, 2, 4, 8, 16, 32, 64, 128])
+    ds = draft_layer_seconds(head, target, width=top_k)
     best, _ = cost_aware_eagle2(rows, vs, ds)
     chosen = {"verify_seconds": vs, "draft_layer_seconds": ds,
+              "backend": "compiled" if target.compile_stats.enabled else "eager",
               "eagle2": {k: best[k] for k in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")}}
     out: dict[str, TreeStrategy] = {"eagle2:auto": Eagle2(best["total_tokens"], best["depth"], top_k)}
     if classifier is not None:

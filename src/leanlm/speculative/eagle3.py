@@ -130,8 +130,7 @@ class Eagle3DraftHead(nn.Module):
                     or len(torch.unique(ids)) != len(ids):
                 raise LeanLMError(f"draft_vocab must be distinct target ids in [0, {v}), got {len(ids)} ids. Fix: "
                                   "build it with select_draft_vocab")
-            ids = ids.sort().values  # d2t/t2d describe a sorted vocabulary (draft index i <-> i-th drafted id)
-            n = len(ids)
+            n = len(ids)  # draft index i <-> target id ids[i] (sorted when built by select_draft_vocab)
             self.register_buffer("d2t", ids - torch.arange(n))  # [N] target id - draft index (EAGLE-3's offsets)
             t2d = torch.zeros(v, dtype=torch.bool)
             t2d[ids] = True
@@ -181,7 +180,7 @@ class Eagle3DraftHead(nn.Module):
 
     # -- the speculators folder ------------------------------------------------------------------------------------
     def speculators_config(self, verifier: str | None = None, verifier_architectures: Sequence[str] = (),
-                           speculative_tokens: int = 3) -> dict:
+                           speculative_tokens: int = 3, dtype: torch.dtype | None = None) -> dict:
         """The `config.json` of speculators' `Eagle3SpeculatorConfig` (schema of speculators 0.9.0)."""
         c = self.config
         layer = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
@@ -197,7 +196,8 @@ class Eagle3DraftHead(nn.Module):
                 "draft_vocab_size": n, "norm_before_residual": self.norm_before_residual,
                 "target_hidden_size": None, "eagle_aux_hidden_state_layer_ids": list(self.feature_layers),
                 "norm_before_fc": False, "fc_norm": False, "norm_output": False, "embed_requires_grad": False,
-                "tie_word_embeddings": False, "dtype": str(self.lm_head.weight.dtype).removeprefix("torch."),
+                "tie_word_embeddings": False,
+                "dtype": str(dtype or self.lm_head.weight.dtype).removeprefix("torch."),
                 "speculators_config": {
                     "algorithm": "eagle3", "default_proposal_method": "greedy",
                     "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
@@ -209,7 +209,7 @@ class Eagle3DraftHead(nn.Module):
         """Write the head as a speculators folder (atomically): `vllm serve TARGET --speculative-config
         '{"model": "PATH", ...}'` reads it. `verifier`: the target's name or path as vLLM should find it;
         `meta`: leanlm's training record, kept under `leanlm` in config.json (speculators ignores it)."""
-        cfg = self.speculators_config(verifier, verifier_architectures)
+        cfg = self.speculators_config(verifier, verifier_architectures, dtype=dtype)
         if meta:
             cfg["leanlm"] = meta
         state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).cpu()

@@ -1,0 +1,92 @@
+"""Teacher-forced accuracy of draft heads on held-out answers, per drafting depth (issue #15's accuracy goal).
+
+For each head folder (leanlm EAGLE-1 or speculators EAGLE-3): next-token top-1 accuracy of the head fed the
+target's features (depth 1) and, with `--depths`, of the head fed its own predicted features / outputs (depths 2,
+3, ...: the training-time-test forward, as when drafting a chain), on
+
+- MT-bench: the 80 first-turn questions, answered greedily by the target (`--max-new-tokens` tokens), features
+  cached under .cache/draft-eval-mtbench-<target> (EAGLE-1 and EAGLE-3 layouts each once);
+- ShareGPT held-out: the conversations of a held-out feature cache (`--sharegpt-heldout`, e.g. the 200 of
+  .cache/draft-sharegpt-smollm2/held-out), EAGLE-1 heads only (that cache holds last hidden states).
+
+    python benchmarks/draft_accuracy.py --heads assets/draft-smollm2,runs/draft-sharegpt \\
+        --sharegpt-heldout .cache/draft-sharegpt-smollm2/held-out --out docs/results/draft-accuracy.json
+
+Writes JSON and a markdown table beside it. Accuracy counts an answer token outside a head's draft vocabulary as
+a miss (it cannot be drafted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from leanlm.inference import load_model_and_tokenizer
+from leanlm.speculative.eagle3 import Eagle3DraftHead
+from leanlm.speculative.heads import load_head
+from leanlm.speculative.prompts import load_prompts
+from leanlm.speculative.train_draft import (DraftTrainConfig, build_feature_cache, evaluate_head,
+                                            load_feature_cache)
+
+
+def mtbench_cache(model, tokenizer, target: str, max_new_tokens: int, layers) -> Path:
+    root = Path(os.environ.get("LEANLM_CACHE", ".cache"))
+    tag = "last" if layers is None else "layers" + "-".join(map(str, layers))
+    folder = root / f"draft-eval-mtbench-{Path(target).name}-{max_new_tokens}-{tag}"
+    build_feature_cache(model, tokenizer, load_prompts("mtbench"), folder, max_new_tokens, batch_size=40,
+                        shard_prompts=80, feature_layers=layers)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--heads", required=True, help="comma-separated head folders")
+    ap.add_argument("--sharegpt-heldout", default=None, help="held-out ShareGPT feature cache (EAGLE-1 layout)")
+    ap.add_argument("--sharegpt-limit", type=int, default=100, help="first N held-out conversations scored")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--depths", type=int, default=3, help="drafting depths scored (1 = teacher forcing only)")
+    ap.add_argument("--out", default="docs/results/draft-accuracy.json")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model_and_tokenizer(args.target)
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = []
+    for path in [h for h in args.heads.split(",") if h]:
+        head, _ = load_head(path, model.config)
+        head.eval()
+        layers = head.feature_layers
+        sets = {"mtbench": load_feature_cache(mtbench_cache(model, tokenizer, args.target, args.max_new_tokens,
+                                                            layers))}
+        if args.sharegpt_heldout and not isinstance(head, Eagle3DraftHead):
+            sets["sharegpt-heldout"] = load_feature_cache(args.sharegpt_heldout)[: args.sharegpt_limit]
+        for name, data in sets.items():
+            t0 = time.perf_counter()
+            st = evaluate_head(head, embed, lm_head, data, DraftTrainConfig(ttt_steps=args.depths - 1))
+            accs = [st["acc"]] + [st.get(f"acc_step{d}") for d in range(1, args.depths)]
+            vocab = None if head.draft_vocab is None else len(head.draft_vocab)
+            rows.append({"head": path, "arch": head.arch, "draft_vocab": vocab, "set": name,
+                         "sequences": len(data), "answer_tokens": st["tokens"], "acc_by_depth": accs,
+                         "seconds": time.perf_counter() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"target": args.target, "max_new_tokens": args.max_new_tokens, "rows": rows},
+                              indent=1))
+    lines = ["| head | arch | draft vocab | set | answer tokens | " +
+             " | ".join(f"acc depth {d}" for d in range(1, args.depths + 1)) + " |",
+             "|---" * (5 + args.depths) + "|"]
+    for r in rows:
+        lines.append(f"| {r['head']} | {r['arch']} | {r['draft_vocab'] or 'full'} | {r['set']} | "
+                     f"{r['answer_tokens']:,} | " + " | ".join(f"{a:.3f}" for a in r["acc_by_depth"]) + " |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
