@@ -25,13 +25,11 @@ import argparse
 import copy
 import gzip
 import json
-import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from leanlm.evals.scorer import LoglikelihoodScorer, score_multiple_choice
