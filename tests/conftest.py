@@ -71,3 +71,36 @@ def tiny_config(corpus_dir, tmp_path):
         return tiny_raw_config(corpus_dir, out, **train)
 
     return make
+
+
+def trained_tiny_target(config: dict):
+    """A tiny leanlm model trained on the bundled text from the run config `config`, 40 prompts of 8 validation
+    tokens, and the target's greedy continuations (40 tokens) of the first 32: draft-head training data."""
+    import torch
+
+    from leanlm.runconfig import build_run_config
+    from leanlm.speculative import plain_generate
+    from leanlm.train import Trainer
+
+    trainer = Trainer(build_run_config(config))
+    trainer.fit()
+    target = trainer.model.eval()
+    val = torch.from_numpy(trainer.data.val.astype("int64"))
+    prompts = [val[i * 9: i * 9 + 8][None] for i in range(40)]
+    seqs = [p[0].tolist() + plain_generate(target, p, 40)[0] for p in prompts[:32]]
+    return target, prompts, seqs
+
+
+def mean_tau(target, head, prompts, max_new_tokens: int = 30) -> float:
+    """Accepted draft tokens per step of greedy EAGLE-2 decoding (16 nodes, depth 4, top-k 4) over `prompts`,
+    asserting every output equals plain greedy decoding."""
+    from leanlm.speculative import Eagle2, SpeculativeDecoder, plain_generate
+
+    acc = steps = 0
+    for p in prompts:
+        ref, _ = plain_generate(target, p, max_new_tokens)
+        out, stats = SpeculativeDecoder(target, head, Eagle2(total_tokens=16, depth=4, top_k=4)).generate(
+            p, max_new_tokens)
+        assert out == ref
+        acc, steps = acc + stats.accepted, steps + stats.steps
+    return acc / steps

@@ -233,19 +233,10 @@ def test_eagle3_training_lifts_accuracy_at_every_depth(tiny_config):
     at depth 1 and the accuracy of the head fed its own outputs (depth 2, 3) all rise, and decoding with it gets
     more tokens accepted than with the untrained head, token-identically. Target: a tiny leanlm model trained on
     the bundled text (2 layers; the head reads hidden_states 0 and 1)."""
-    from leanlm.runconfig import build_run_config
-    from leanlm.train import Trainer
+    from conftest import mean_tau, trained_tiny_target
 
-    trainer = Trainer(build_run_config(tiny_config(max_steps=30, ckpt_every=0, eval_every=0)))
-    trainer.fit()
-    target = trainer.model.eval()
+    target, prompts, seqs = trained_tiny_target(tiny_config(max_steps=30, ckpt_every=0, eval_every=0))
     vocab_size = target.config.vocab_size
-    val = torch.from_numpy(trainer.data.val.astype("int64"))
-    prompts = [val[i * 9: i * 9 + 8][None] for i in range(40)]
-    seqs = []
-    for p in prompts[:32]:
-        out, _ = plain_generate(target, p, 40)
-        seqs.append(p[0].tolist() + out)
     layers = (0, 1)
     data = [(t, f, 8) for t, f in collect_features(target, seqs, progress=False, feature_layers=layers)]
     assert data[0][1].shape == (len(seqs[0]), 3 * target.config.hidden_size)  # two layers and the last state
@@ -263,15 +254,8 @@ def test_eagle3_training_lifts_accuracy_at_every_depth(tiny_config):
     for key in ("acc", "acc_step1", "acc_step2"):
         assert last["val"][key] > first[key] + 0.1, (key, first[key], last["val"][key])
     assert torch.equal(head.lm_head.weight, frozen)  # the target's rows stay frozen
-    taus = {}
-    for name, h in (("trained", head.eval()), ("untrained", untrained.eval())):
-        acc = steps = 0
-        for p in prompts[32:]:
-            ref, _ = plain_generate(target, p, 30)
-            out, st = SpeculativeDecoder(target, h, Eagle2(total_tokens=16, depth=4, top_k=4)).generate(p, 30)
-            assert out == ref
-            acc, steps = acc + st.accepted, steps + st.steps
-        taus[name] = acc / steps
+    taus = {name: mean_tau(target, h.eval(), prompts[32:]) for name, h in (("trained", head),
+                                                                          ("untrained", untrained))}
     assert taus["trained"] > taus["untrained"] + 0.3, taus
 
 

@@ -224,19 +224,11 @@ def test_cli_generate_with_a_saved_draft_head(tiny_config, tmp_path, capsys):
 
 def test_training_a_draft_head_raises_acceptance(tiny_config):
     """A head trained on the target's own greedy outputs gets more drafted tokens accepted than an untrained one."""
-    from leanlm.runconfig import build_run_config
-    from leanlm.speculative.train_draft import DraftTrainConfig, collect_features, train_head
-    from leanlm.train import Trainer
+    from conftest import mean_tau, trained_tiny_target
 
-    trainer = Trainer(build_run_config(tiny_config(max_steps=30, ckpt_every=0, eval_every=0)))
-    trainer.fit()
-    target = trainer.model.eval()
-    val = torch.from_numpy(trainer.data.val.astype("int64"))
-    prompts = [val[i * 9: i * 9 + 8][None] for i in range(40)]
-    seqs = []
-    for p in prompts[:32]:
-        out, _ = plain_generate(target, p, 40)
-        seqs.append(p[0].tolist() + out)
+    from leanlm.speculative.train_draft import DraftTrainConfig, collect_features, train_head
+
+    target, prompts, seqs = trained_tiny_target(tiny_config(max_steps=30, ckpt_every=0, eval_every=0))
     data = collect_features(target, seqs, progress=False)
     torch.manual_seed(0)
     head = EagleDraftHead(head_config(target.config))
@@ -245,15 +237,7 @@ def test_training_a_draft_head_raises_acceptance(tiny_config):
     logs = train_head(head, target.get_input_embeddings(), target.get_output_embeddings(), data,
                       DraftTrainConfig(epochs=6, lr=3e-3, batch_tokens=512), progress=False)
     assert logs[-1]["reg"] < 0.6 * logs[0]["reg"] and logs[-1]["acc"] > logs[0]["acc"]
-    taus = {}
-    for name, h in (("trained", head), ("untrained", untrained)):
-        acc = steps = 0
-        for p in prompts[32:]:
-            ref, _ = plain_generate(target, p, 30)
-            out, stats = SpeculativeDecoder(target, h, Eagle2(total_tokens=16, depth=4, top_k=4)).generate(p, 30)
-            assert out == ref
-            acc, steps = acc + stats.accepted, steps + stats.steps
-        taus[name] = acc / steps
+    taus = {name: mean_tau(target, h, prompts[32:]) for name, h in (("trained", head), ("untrained", untrained))}
     assert taus["trained"] > taus["untrained"] + 0.3, taus
 
 

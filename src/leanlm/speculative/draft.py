@@ -46,6 +46,15 @@ def head_config(target_config, **overrides) -> LeanLMConfig:
     return LeanLMConfig(**fields)
 
 
+def lm_head_rows(lm_head: nn.Module, vocab: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An LM head's weight [N, C] (and bias) restricted to the target ids `vocab` [N] (all V rows for None)."""
+    w, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if vocab is None:
+        return w, bias
+    ids = vocab.to(w.device)
+    return w[ids].contiguous(), None if bias is None else bias[ids]
+
+
 class EagleDraftHead(nn.Module):
     """The head: fc over [embedding ; feature], one decoder layer. `draft_vocab` (target token ids [N], optional) is
     the reduced draft vocabulary of FR-Spec / EAGLE-3: drafting scores only those rows of the target's LM head
@@ -78,10 +87,7 @@ class EagleDraftHead(nn.Module):
     def draft_head_rows(self, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's weight [N, C] (and bias) restricted to the draft vocabulary: gathered once per session or
         training run (gathering 8k x 576 floats per call would cost more than the matmul saves)."""
-        w, bias = lm_head.weight, getattr(lm_head, "bias", None)
-        if self.draft_vocab is None:
-            return w, bias
-        return w[self.draft_vocab].contiguous(), None if bias is None else bias[self.draft_vocab]
+        return lm_head_rows(lm_head, self.draft_vocab)
 
     def draft_logits(self, lm_head: nn.Module, feats: torch.Tensor,
                      rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ from leanlm.checkpoint import (check_finite_tensors, load_state_into, load_tenso
 from leanlm.config import LeanLMConfig
 from leanlm.errors import CheckpointError, LeanLMError
 from leanlm.model import RMSNorm, SwiGLU
+from leanlm.speculative.draft import lm_head_rows
 from leanlm.rope import Positions
 
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose schema the files follow (tested against it)
@@ -149,8 +150,7 @@ class Eagle3DraftHead(nn.Module):
     def init_from_target(self, lm_head: nn.Module) -> "Eagle3DraftHead":
         """Copy the target's LM-head rows of the draft vocabulary into the head's own LM head (its starting point;
         training keeps it frozen, as speculators does)."""
-        w = lm_head.weight
-        self.lm_head.weight.copy_(w if self.draft_vocab is None else w[self.draft_vocab.to(w.device)])
+        self.lm_head.weight.copy_(lm_head_rows(lm_head, self.draft_vocab)[0])
         return self
 
     def from_target(self, features: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from leanlm.checkpoint import atomic_write_file, atomic_write_text
 from leanlm.errors import LeanLMError
 from leanlm.schedule import lr_lambda
 from leanlm.rope import Positions
-from leanlm.speculative.draft import EagleDraftHead
+from leanlm.speculative.draft import EagleDraftHead, lm_head_rows
 from leanlm.speculative.prompts import encode_chat
 
 
@@ -196,11 +196,7 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
 def target_rows(head, lm_head) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The target's LM-head weight [N, C] (and bias) over the head's draft vocabulary (all V ids without one): what
     EAGLE-1 heads score with, and what EAGLE-3 training computes the target's distribution with."""
-    w, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    if head.draft_vocab is None:
-        return w, bias
-    ids = head.draft_vocab.to(w.device)
-    return w[ids].contiguous(), None if bias is None else bias[ids]
+    return lm_head_rows(lm_head, head.draft_vocab)
 
 
 def eagle3_mask(length: int, step: int, device: torch.device | None = None) -> torch.Tensor:
