@@ -267,7 +267,7 @@ def eagle3_loss(head, embed, lm_head, tokens: torch.Tensor, feats: torch.Tensor,
 
 def sequence_loss(head, *args, **kwargs) -> tuple[torch.Tensor, dict]:
     """The loss of one sequence for this kind of head: EAGLE-1's `draft_loss` or EAGLE-3's `eagle3_loss`."""
-    return (eagle3_loss if getattr(head, "arch", "eagle1") == "eagle3" else draft_loss)(head, *args, **kwargs)
+    return (eagle3_loss if head.arch == "eagle3" else draft_loss)(head, *args, **kwargs)
 
 
 def _context_cut(tokens: torch.Tensor, feats: torch.Tensor, answer: torch.Tensor,
@@ -318,7 +318,7 @@ def train_head(head: EagleDraftHead, embed, lm_head, data: list[tuple[torch.Tens
     head.train()
     for p in list(embed.parameters()) + list(lm_head.parameters()):
         p.requires_grad_(False)
-    if getattr(head, "arch", "eagle1") == "eagle3":
+    if head.arch == "eagle3":
         head.lm_head.weight.requires_grad_(False)  # the target's rows, frozen (as speculators trains EAGLE-3)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
