@@ -260,10 +260,12 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
     more = tmp_path / "head2"
     assert main(["spec", "train-draft", ckpt, "--out", str(more), "--prompts", "6", "--max-new-tokens", "6",
                  "--epochs", "2", "--init", str(head), "--cls-weight", "0.5", "--data", str(tmp_path / "head-data"),
-                 "--stage", "train", "--val-prompts", "2"]) == 0
+                 "--stage", "train", "--val-prompts", "2", "--cls-target", "data"]) == 0
     assert "held-out" in capsys.readouterr().out
     _, meta2 = EagleDraftHead.load(more, trainer.model.config)
     assert meta2["init"] == str(head) and meta2["cls_weight"] == 0.5 and meta2["history"][0]["steps"] == meta["steps"]
+    assert meta["train"]["cls_target"] == "greedy" and meta2["train"]["cls_target"] == "data"
+    assert all("acc_greedy" in v for v in meta2["val_by_epoch"])
     assert len(meta2["val_by_epoch"]) == 2 and all(0 < v["tokens"] and 0 <= v["acc"] <= 1 for v in meta2["val_by_epoch"])
     assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h4"), "--prompts", "6", "--max-new-tokens", "6",
                  "--data", str(tmp_path / "head-data"), "--stage", "train", "--val-prompts", "6"]) == 2
@@ -271,6 +273,9 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
     assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h3"), "--init", str(tmp_path / "nope")]) == 2
     assert "--init" in capsys.readouterr().err
     assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h3"), "--cls-weight", "-1"]) == 2
+    capsys.readouterr()
+    assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h3"), "--cls-target", "tokens"]) == 2
+    assert "--cls-target" in capsys.readouterr().err and not (tmp_path / "h3").exists()
     assert main(["spec", "train-draft", ckpt, "--out", str(tmp_path / "h3"), "--device", "tpu"]) == 2
     assert "--device" in capsys.readouterr().err
     assert main(["generate", ckpt, "--prompt", "the", "--max-new-tokens", "8", "--temperature", "0", "--spec",

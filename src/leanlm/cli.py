@@ -132,6 +132,7 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
 
     train = DraftTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, bf16=args.bf16,
                              batch_tokens=args.batch_tokens, max_context=args.max_context, cls_weight=args.cls_weight,
+                             cls_target=args.cls_target,
                              max_len=args.max_len, ttt_weight=args.ttt_weight,
                              ttt_steps=args.ttt_steps if args.ttt_steps is not None else
                              (2 if args.arch == "eagle3" else 0))
@@ -476,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "fresh one")
     td.add_argument("--cls-weight", type=non_negative_float, default=0.1,
                     help="weight of the next-token cross-entropy beside the feature regression (EAGLE: 0.1)")
+    td.add_argument("--cls-target", choices=("target", "greedy", "data"), default="greedy",  # train_draft.CLS_TARGETS
+                    help="eagle1: what the token loss scores against: target = KL to the target's own next-token "
+                    "distribution (distillation, as EAGLE's code), greedy = cross-entropy against the target's top-1, "
+                    "data = cross-entropy against the data's next token (which ShareGPT's target did not write)")
     td.add_argument("--device", default="cpu", help="cpu or cuda: where the target answers and the head trains")
     td.add_argument("--val-prompts", type=non_negative_int, default=0,
                     help="hold out the last N cached sequences; report their teacher-forced next-token accuracy "

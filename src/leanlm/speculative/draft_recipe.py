@@ -6,8 +6,9 @@ vocabulary, training, and the saved head with what it was trained on. `leanlm sp
              teacher-forced ShareGPT V3 conversations (`sharegpt`, `val_sharegpt`; `build_conversation_cache`),
              each cache resumable shard by shard
     vocab    `draft_vocab` > 0: the N most frequent answer ids of the training data (FR-Spec), else the full one
-    train    EAGLE-1's loss (`train_head`), held-out accuracy after each epoch (held-out ShareGPT conversations, or
-             the last `val_prompts` cached answers)
+    train    EAGLE-1's loss (`train_head`; its token term distils the target's distribution by default,
+             `DraftTrainConfig.cls_target`), held-out accuracy after each epoch (held-out ShareGPT conversations, or
+             the last `val_prompts` cached answers), with the agreement with the target's greedy token
     arch     "eagle1" (leanlm's own head, `draft.EagleDraftHead`) or "eagle3" (`eagle3.Eagle3DraftHead`: the target's
              `feature_layers` go into the caches, EAGLE-3's loss, saved as a speculators folder vLLM serves;
              `verifier` is the target's name or path written into it)
@@ -208,6 +209,8 @@ class DraftRecipe:
         else:
             head.save(self.out, meta=meta, dtype=dtype)
         held = f", held-out {val_log[-1]['acc']:.3f}" if val_log else ""
+        if val_log and "acc_greedy" in val_log[-1]:
+            held += f" (the target's greedy token: {val_log[-1]['acc_greedy']:.3f})"
         loss = f"feature loss {last['reg']:.4f}" if "reg" in last else f"KL {last['kl']:.4f}"
         say(f"draft head saved to {self.out}: {len(logs)} steps, final training next-token accuracy {last['acc']:.3f}"
             f"{held}, {loss}")
