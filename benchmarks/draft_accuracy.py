@@ -12,7 +12,8 @@ target's features (depth 1) and, with `--depths`, of the head fed its own predic
     python benchmarks/draft_accuracy.py --heads assets/draft-smollm2,runs/draft-sharegpt \\
         --sharegpt-heldout .cache/draft-sharegpt-smollm2/held-out --out docs/results/draft-accuracy.json
 
-Writes JSON and a markdown table beside it. Two accuracies per depth: `acc`, the head's top-1 against the data's
+Writes JSON, a markdown table and a plot (accuracy by depth) beside it; `--plot-from a.json,b.json --out c.json`
+plots the rows of earlier runs together into c.png. Two accuracies per depth: `acc`, the head's top-1 against the data's
 next token (an answer token outside a head's draft vocabulary is a miss: it cannot be drafted), and `greedy` (EAGLE-1
 heads), against the target's own greedy token over its whole vocabulary, read from the cached features -- what
 verification accepts. On the MT-bench set (the target's greedy answers) the two agree; on ShareGPT's answers,
@@ -46,6 +47,29 @@ def mtbench_cache(model, tokenizer, target: str, max_new_tokens: int, layers) ->
     return folder
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against the target's greedy token by drafting depth, one line per head, one panel per set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        for r in (r for r in rows if r["set"] == name):
+            accs = [a if g is None else g for a, g in zip(r["acc_by_depth"], r.get("acc_greedy_by_depth", []) or
+                                                       r["acc_by_depth"])]
+            ax.plot(range(1, len(accs) + 1), accs, marker="o", label=r["head"])
+        ax.set(title=name, xlabel="drafting depth", ylabel="top-1 = target's greedy token", ylim=(0, None))
+        ax.set_xticks(range(1, max(len(r["acc_by_depth"]) for r in rows) + 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="smollm2")
@@ -55,7 +79,18 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--depths", type=int, default=3, help="drafting depths scored (1 = teacher forcing only)")
     ap.add_argument("--out", default="docs/results/draft-accuracy.json")
+    ap.add_argument("--plot-from", default=None, help="comma-separated JSON files of earlier runs: plot their rows "
+                    "together into --out's .png (no model is loaded)")
     args = ap.parse_args()
+    if args.plot_from:
+        rows, seen = [], set()
+        for f in args.plot_from.split(","):
+            for r in json.loads(Path(f).read_text())["rows"]:
+                if (r["head"], r["set"]) not in seen:  # a head scored in two runs is plotted once
+                    seen.add((r["head"], r["set"]))
+                    rows.append(r)
+        plot(rows, Path(args.out).with_suffix(".png"))
+        return
     torch.set_grad_enabled(False)
     model, tokenizer = load_model_and_tokenizer(args.target)
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -91,6 +126,7 @@ def main() -> None:
         lines.append(f"| {r['head']} | {r['arch']} | {r['draft_vocab'] or 'full'} | {r['set']} | "
                      f"{r['answer_tokens']:,} | {fmt(r['acc_by_depth'])} | {fmt(r['acc_greedy_by_depth'])} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, out.with_suffix(".png"))
     print("\n".join(lines))
 
 

@@ -63,3 +63,22 @@ def test_chat_without_a_template_is_one_line(tiny_config, tmp_path):
     assert_one_line_error(*run(["generate", ckpt, "--prompt", "x", "--chat"])[::2], "chat template")
     rc, out, err = run(["generate", ckpt, "--prompt", "The king", "--max-new-tokens", "4"])  # no template: raw
     assert rc == 0 and out.startswith("The king"), err
+
+
+def test_committed_sharegpt_head_drafts_over_its_vocabulary_and_stays_lossless(smollm2):
+    """assets/draft-smollm2-sharegpt (issue #15's ShareGPT head, 8,192 draft ids) loads through its manifest and
+    decodes SmolLM2's greedy answer token for token with an EAGLE-2 tree, accepting draft tokens on the way."""
+    from leanlm.pretrained import ASSETS
+    from leanlm.speculative import Eagle2, SpeculativeDecoder, plain_generate
+    from leanlm.speculative.heads import load_head
+    from leanlm.speculative.prompts import encode_chat
+
+    model, tok = smollm2
+    head, meta = load_head(ASSETS / "draft-smollm2-sharegpt", model.config)
+    assert head.draft_vocab is not None and len(head.draft_vocab) == 8192
+    assert meta["answer_tokens"] == 2045366 and meta["train"]["cls_target"] == "greedy"
+    ids = torch.tensor([encode_chat(tok, QUESTION)])
+    ref, _ = plain_generate(model, ids, 24, eos_token_id=tok.eos_token_id)
+    out, stats = SpeculativeDecoder(model, head.eval(), Eagle2(total_tokens=16, depth=4, top_k=4)).generate(
+        ids, 24, eos_token_id=tok.eos_token_id)
+    assert out == ref and stats.accepted > 0
