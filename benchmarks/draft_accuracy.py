@@ -58,8 +58,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), dpi=110, squeeze=False)
     for ax, name in zip(axes[0], sets):
         for r in (r for r in rows if r["set"] == name):
-            accs = [a if g is None else g for a, g in zip(r["acc_by_depth"], r.get("acc_greedy_by_depth", []) or
-                                                       r["acc_by_depth"])]
+            greedy = r.get("acc_greedy_by_depth") or r["acc_by_depth"]  # EAGLE-3 rows have no greedy figure
+            accs = [a if g is None else g for a, g in zip(r["acc_by_depth"], greedy)]
             ax.plot(range(1, len(accs) + 1), accs, marker="o", label=r["head"])
         ax.set(title=name, xlabel="drafting depth", ylabel="top-1 = target's greedy token", ylim=(0, None))
         ax.set_xticks(range(1, max(len(r["acc_by_depth"]) for r in rows) + 1))

@@ -6,7 +6,7 @@ vocabulary, training, and the saved head with what it was trained on. `leanlm sp
              teacher-forced ShareGPT V3 conversations (`sharegpt`, `val_sharegpt`; `build_conversation_cache`),
              each cache resumable shard by shard
     vocab    `draft_vocab` > 0: the N most frequent answer ids of the training data (FR-Spec), else the full one
-    train    EAGLE-1's loss (`train_head`; its token term distils the target's distribution by default,
+    train    EAGLE-1's loss (`train_head`; its token term scores the target's own top-1 by default,
              `DraftTrainConfig.cls_target`), held-out accuracy after each epoch (held-out ShareGPT conversations, or
              the last `val_prompts` cached answers), with the agreement with the target's greedy token
     arch     "eagle1" (leanlm's own head, `draft.EagleDraftHead`) or "eagle3" (`eagle3.Eagle3DraftHead`: the target's

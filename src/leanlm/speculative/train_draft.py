@@ -210,7 +210,7 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
             target_logp = torch.log_softmax(head.draft_logits(lm_head, target[:-1], rows).float(), -1)  # [T-2, N]
         if not distil:  # "greedy": the target's top-1 among the draft ids is the label
             cls_labels = target_logp.argmax(-1)
-    greedy = None if head.training else target_greedy(head, lm_head, target[:-1])  # [T-2] target ids
+    greedy = None if head.training else target_greedy(lm_head, target[:-1])  # [T-2] target ids
     preds = ttt_predictions(head, f_in, emb, pos, cfg.ttt_steps) if cfg.ttt_steps else [head(f_in, emb, pos)[0]]
     total, stats = 0.0, {}
     for b, pred in enumerate(preds):  # pred: predicted features of positions 1..T-1 at step b
@@ -235,7 +235,7 @@ def draft_loss(head: EagleDraftHead, embed, lm_head, tokens: torch.Tensor, feats
     return total, stats
 
 
-def target_greedy(head: EagleDraftHead, lm_head, feats: torch.Tensor) -> torch.Tensor:
+def target_greedy(lm_head, feats: torch.Tensor) -> torch.Tensor:
     """The target's greedy next token [n] (over its whole vocabulary) from its features [n, C]: what verification
     accepts. Evaluation scores the head's top-1 against it (`acc_greedy`); on the target's own greedy answers it is
     the data's next token, on other text (ShareGPT) it is not. Chunked: the full LM head over thousands of rows at
