@@ -375,8 +375,7 @@ def test_distilled_token_loss_is_the_kl_to_the_targets_distribution():
     acc = ((logp.argmax(-1) == labels) & (labels >= 0)).float()
     assert kl_st["acc"] == gr_st["acc"] == ce_st["acc"] == pytest.approx(float((acc * w).sum() / w.sum()))
     assert kl_loss.item() == pytest.approx(kl_st["reg"] + 0.1 * kl_st["cls"], rel=1e-5)
-    # a head that predicts the target's own features has zero KL (its distribution is the target's)
-    assert float((tgt.exp() * (tgt - tgt)).sum()) == 0.0 and kl.min() >= -1e-6
+    assert kl.min() >= -1e-6 and kl_st["cls"] > 0  # a KL divergence; an untrained head's is not zero
     # evaluation scores the head's top-1 (mapped to target ids) against the target's greedy token over all V ids
     head.eval()
     _, st = draft_loss(head, emb, lm, tokens, feats, DraftTrainConfig(noise=0.0), answer=answer)
