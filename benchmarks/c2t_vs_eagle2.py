@@ -6,6 +6,7 @@ checked identical to plain decoding):
   - C2T with beta swept (same top_k / max depth), using a classifier from `leanlm spec c2t-train`;
   - C2T with the cost-aware beta: verification cost of n tokens and the draft cost of one layer are measured on
     this machine first, then `leanlm.speculative.c2t.cost_aware_beta` picks beta from the collected trees;
+  - EAGLE-2 sized by the same cost model (`leanlm.speculative.cost.cost_aware_eagle2`: total_tokens and depth);
   - batched decoding (several prompts per target forward) for the default C2T and EAGLE-2 points.
 Reported: τ, γ (candidates verified per step, root included), draft/verify ms per step, tokens/s, speed-up over
 plain decoding, the candidate-token reduction of C2T at equal τ (EAGLE-2's γ(τ) curve interpolated at C2T's τ) and
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from leanlm.speculative.bench import markdown, run_bench
     from leanlm.speculative.c2t import C2T, C2TClassifier
     from leanlm.speculative.c2t_train import cost_aware_beta, load_rows
-    from leanlm.speculative.cost import draft_layer_seconds, verify_seconds
+    from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, verify_seconds
     from leanlm.speculative.draft import EagleDraftHead
     from leanlm.speculative.prompts import encode_chat, load_prompts
     from leanlm.speculative.tree import Eagle2
@@ -87,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verify seconds by tree size: { {n: round(s * 1000, 1) for n, s in vs.items()} } ms; one draft "
               f"layer {ds * 1000:.1f} ms -> cost-aware beta {beta}")
         strategies[f"c2t cost-aware beta={beta}"] = C2T(clf, beta=beta, top_k=k, max_depth=depth, second_topk=k)
+        e2, _ = cost_aware_eagle2(rows, vs, ds)  # EAGLE-2 sized by the same cost model (total_tokens and depth)
+        costs["eagle2"] = {key: e2[key] for key in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")}
+        print(f"cost-aware EAGLE-2: total_tokens {e2['total_tokens']}, depth {e2['depth']}")
+        strategies[f"eagle2 cost-aware N={e2['total_tokens']} depth={e2['depth']}"] = Eagle2(
+            total_tokens=e2["total_tokens"], depth=e2["depth"], top_k=k)
 
     prompts = {s: load_prompts(s, args.limit) for s in args.prompts.split(",")}
     rows = run_bench(model, tok, head, strategies, prompts, args.max_new_tokens)
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     # equal-τ comparison against EAGLE-2's curve
     equal = []
     for set_name in prompts:
-        e = [r for r in rows if r["prompts"] == set_name and r["strategy"].startswith("eagle2")]
+        e = [r for r in rows if r["prompts"] == set_name and r["strategy"].startswith("eagle2 N=")]  # the sweep
         for r in rows:
             if r["prompts"] != set_name or not r["strategy"].startswith("c2t"):
                 continue
@@ -160,17 +166,17 @@ def plot(path: Path, rows: list[dict], costs: dict | None) -> None:
 
     n = 3 if costs else 2
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), dpi=110)
-    for family, marker in (("eagle2", "o-"), ("c2t beta", "s-"), ("c2t cost-aware", "*")):
+    for family, marker in (("eagle2 N=", "o-"), ("eagle2 cost-aware", "P"), ("c2t beta", "s-"),
+                           ("c2t cost-aware", "*")):
         pts = [r for r in rows if r["strategy"].startswith(family)]
         if not pts:
             continue
         pts.sort(key=lambda r: r["candidates_per_step"])
-        label = {"eagle2": "EAGLE-2 (total_tokens sweep)", "c2t beta": "C2T (beta sweep)",
-                 "c2t cost-aware": "C2T cost-aware beta"}[family]
-        axes[0].plot([r["candidates_per_step"] for r in pts], [r["tau"] for r in pts], marker, label=label,
-                     ms=10 if family == "c2t cost-aware" else 5)
-        axes[1].plot([r["tau"] for r in pts], [r["tokens_per_s"] for r in pts], marker, label=label,
-                     ms=10 if family == "c2t cost-aware" else 5)
+        label = {"eagle2 N=": "EAGLE-2 (total_tokens sweep)", "eagle2 cost-aware": "EAGLE-2 cost-aware size",
+                 "c2t beta": "C2T (beta sweep)", "c2t cost-aware": "C2T cost-aware beta"}[family]
+        big = 10 if "cost-aware" in family else 5
+        axes[0].plot([r["candidates_per_step"] for r in pts], [r["tau"] for r in pts], marker, label=label, ms=big)
+        axes[1].plot([r["tau"] for r in pts], [r["tokens_per_s"] for r in pts], marker, label=label, ms=big)
     plain = [r["tokens_per_s"] for r in rows if r["strategy"] == "none"]
     if plain:
         axes[1].axhline(plain[0], color="k", lw=0.7, ls="--", label="plain decoding")

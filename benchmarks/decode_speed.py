@@ -11,6 +11,7 @@ Methods (each one per prompt, in this order, so machine noise hits all alike):
   hf_prompt_lookup      model.generate(prompt_lookup_num_tokens=10)
   leanlm_plain_eager / leanlm_plain_compiled          leanlm's backend without a draft
   leanlm_{chain,eagle2,c2t}_{eager,compiled}          speculative decoding with the committed SmolLM2 head
+                                                      (or --draft / --classifier)
 Each row: wall seconds including prefill (compile time excluded and reported apart), new tokens, and whether the
 tokens equal hf_eager's. Rows are appended to `<out>.jsonl` as they finish, so an interrupted run resumes where it
 stopped (rerun the same command); `--report` writes the table (`<out>.md`), the JSON summary and the plot from what
@@ -45,6 +46,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eagle2", default="eagle2:total_tokens=16:depth=5:top_k=4",
                    help="EAGLE-2 tree for this CPU (the default 60-node tree costs more than it saves here)")
     p.add_argument("--c2t", default="c2t:beta=0.5:max_nodes=16")
+    p.add_argument("--size-from", default=None,
+                   help="trees from `leanlm spec c2t-collect`: replace --eagle2 and --c2t by the sizes the cost model "
+                        "picks from this machine's measured (eager) step costs (`spec bench --size-from`); a resumed "
+                        "run reuses the first start's sizes")
+    p.add_argument("--draft", default=None, help="draft head folder (default: the committed SmolLM2 head)")
+    p.add_argument("--classifier", default=None, help="C2T classifier folder (default: the committed one)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "decoding-mtbench"))
     p.add_argument("--report", action="store_true", help="only write the table/plot from the rows so far")
     p.add_argument("--step-costs", action="store_true",
@@ -209,6 +216,7 @@ def main() -> int:
         return 2
     model, tok = load_model_and_tokenizer("smollm2")
     head_dir, clf_dir = committed_draft("smollm2")
+    head_dir, clf_dir = Path(args.draft or head_dir), Path(args.classifier or clf_dir)
     head, _ = EagleDraftHead.load(head_dir, model.config)
     strategies = {"chain": parse_strategy(args.chain), "eagle2": parse_strategy(args.eagle2),
                   "c2t": parse_strategy(args.c2t, classifier=str(clf_dir))}
@@ -216,7 +224,7 @@ def main() -> int:
     eos = tok.eos_token_id
     capacity = cache_capacity(max(len(p) for p in prompts), args.max_new_tokens, max(BUCKETS))
     eager, compiled = make_target(model, compile=False), None
-    meta = {"threads": args.threads, "max_new_tokens": args.max_new_tokens, "capacity": capacity,
+    meta = {"threads": args.threads, "draft": str(head_dir), "classifier": str(clf_dir), "max_new_tokens": args.max_new_tokens, "capacity": capacity,
             "strategies": {k: v.describe() for k, v in strategies.items()}, "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "compile_warmup_seconds": {}}
     rows_path = out.with_suffix(".jsonl")
@@ -227,6 +235,21 @@ def main() -> int:
         if first:
             first.setdefault("resumed_warmups", []).append(warmups)
             meta = first
+    if args.size_from:  # trees sized to this machine, once per run (a resumed run keeps the first start's sizes)
+        from leanlm.speculative.c2t import C2T, C2TClassifier
+        from leanlm.speculative.tree import Eagle2
+
+        clf = C2TClassifier.load(clf_dir)[0]
+        if "sizes" not in meta:
+            from leanlm.speculative.bench import sized_strategies
+            from leanlm.speculative.c2t_train import load_rows
+
+            _, meta["sizes"] = sized_strategies(eager, head, load_rows(args.size_from)[0], clf)
+        sizes = meta["sizes"]
+        strategies["eagle2"] = Eagle2(sizes["eagle2"]["total_tokens"], sizes["eagle2"]["depth"], top_k=10)
+        strategies["c2t"] = C2T(clf, beta=sizes["c2t"]["beta"])
+        meta["strategies"] = {k: v.describe() for k, v in strategies.items()}
+        print(f"sized for this machine: {meta['strategies']}", flush=True)
     done = set()
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():

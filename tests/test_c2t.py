@@ -278,3 +278,25 @@ def test_cli_c2t_collect_train_generate(tiny_config, tmp_path, capsys):
     assert main(["generate", ckpt, "--prompt", "the", "--spec", "c2t", "--draft", str(head)]) == 2
     assert "--classifier" in capsys.readouterr().err
     assert main(["spec", "c2t-train", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_compact_rows_round_trip(tmp_path):
+    """`save_rows(compact=True)` (the form committed beside a classifier) loads back to the same indices and labels,
+    the entropy within float16's rounding, in the dtypes replay and training expect; values that do not fit 16 bits
+    are refused rather than wrapped."""
+    rows = synthetic_rows(n_trees=20)
+    full, small = tmp_path / "full.safetensors", tmp_path / "small.safetensors"
+    save_rows(rows, full, {"trees": 20})
+    save_rows(rows, small, {"trees": 20}, compact=True)
+    assert small.stat().st_size < 0.6 * full.stat().st_size
+    back, meta = load_rows(small)
+    assert meta == {"trees": 20}
+    for k in ("depth", "tree", "node", "parent"):
+        assert back[k].dtype == torch.long and torch.equal(back[k], rows[k])
+    assert back["label"].dtype == torch.float32 and torch.equal(back["label"], rows["label"])
+    assert torch.equal(back["joint_logp"], rows["joint_logp"])
+    assert torch.allclose(back["entropy"], rows["entropy"], rtol=1e-3, atol=1e-3)
+    assert not torch.equal(back["entropy"], rows["entropy"])  # it was stored in float16
+    big = dict(rows, node=rows["node"] + 40_000)
+    with pytest.raises(ValueError, match="node"):
+        save_rows(big, tmp_path / "big.safetensors", {}, compact=True)

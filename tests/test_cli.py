@@ -121,3 +121,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     if result["spec"]:  # assets/ holds the SmolLM2 draft head and C2T classifier
         assert "[6] speculate" in out
         assert result["spec"]["eagle2"]["identical"] == result["spec"]["c2t"]["identical"] == 1
+        from leanlm.pretrained import committed_draft
+
+        if (committed_draft("smollm2")[1] / "trees.safetensors").exists():  # trees sized to this machine as well
+            assert "sized for this machine" in out and "for plain decoding" in out
+            assert result["spec"]["eagle2:auto"]["identical"] == result["spec"]["c2t:auto"]["identical"] == 1

@@ -300,7 +300,12 @@ def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
     result = json.loads(out.read_text())
     chosen = result["sizes"]["eagle2"]
     assert chosen["total_tokens"] in (4, 8, 12, 16, 24, 32, 48, 60, 80, 128) and 2 <= chosen["depth"] <= 8
-    assert "tree sizes for this machine" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tree sizes for this machine" in printed
+    plain = result["sizes"]["plain_tokens_per_second"]  # the cost model's plain step: one 1-token verification
+    assert plain == pytest.approx(1.0 / result["sizes"]["verify_seconds"]["1"])
+    assert f"plain decoding {plain:.1f} tokens/s" in printed
+    assert ("no tree size pays" in printed) == (chosen["tokens_per_second"] < plain)
     auto = [r for r in result["rows"] if r["strategy"] == "eagle2:auto"]
     assert len(auto) == 1 and auto[0]["identical_outputs"] == 1
     assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--size-from",

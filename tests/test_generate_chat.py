@@ -47,8 +47,8 @@ def test_spec_without_draft_uses_the_committed_head_for_smollm2(spec, plain_answ
     rc, out, err = run(["generate", "smollm2", "--prompt", QUESTION, "--max-new-tokens", "10", "--temperature", "0",
                         "--spec", spec])
     assert rc == 0, err
-    assert "committed draft head" in err and "draft-smollm2" in err
-    assert ("c2t-smollm2" in err) == (spec == "c2t")
+    assert "committed draft head" in err and "draft-smollm2-sharegpt" in err
+    assert ("c2t-smollm2-sharegpt" in err) == (spec == "c2t")
     text = out.split("\n[")[0]  # the statistics line follows the answer
     assert text.strip() == plain.strip()  # lossless: the same greedy answer
 

@@ -195,6 +195,10 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
               f"{e2['nodes']:.1f} nodes)" + (f"; c2t beta={chosen['c2t']['beta']} (replayed tau "
                                             f"{chosen['c2t']['tau']:.2f}, {chosen['c2t']['nodes']:.1f} nodes)"
                                             if "c2t" in chosen else ""))
+        best = max([e2["tokens_per_second"]] + ([chosen["c2t"]["tokens_per_second"]] if "c2t" in chosen else []))
+        print(f"predicted: best tree {best:.1f} tokens/s, plain decoding {chosen['plain_tokens_per_second']:.1f} "
+              f"tokens/s" + (" (no tree size pays on this machine with this head)"
+                             if best < chosen["plain_tokens_per_second"] else ""))
     prompt_sets = {s: load_prompts(s, args.limit) for s in sets}
     for name, prompts in prompt_sets.items():  # every prompt must fit before any decoding starts
         for i, prompt in enumerate(prompts):
@@ -236,7 +240,7 @@ def cmd_spec_c2t_collect(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "depth": args.depth,
             "entropy_top": args.entropy_top, "trees": st.trees, "positives": st.positives,
             "command": "leanlm spec c2t-collect " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])}
-    save_rows(rows, args.out, meta)
+    save_rows(rows, args.out, meta, compact=args.compact)
     print(f"{st.trees} trees, {st.nodes:,} nodes verified, {st.positives} accepted ({st.positives / max(1, st.trees):.2f}"
           f" per tree) in {st.seconds:.0f}s -> {args.out}")
     return 0
@@ -518,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--depth", type=positive_int, default=10)
     cc.add_argument("--entropy-top", type=non_negative_int, default=1000, help="M of the top-M entropy (0 = whole vocabulary)")
     cc.add_argument("--seed", type=seed_int, default=1)
+    cc.add_argument("--compact", action="store_true", help="16-bit indices, float16 entropy (about 2/5 of the size; "
+                    "for a file that is committed beside a classifier)")
     cc.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     cc.set_defaults(func=cmd_spec_c2t_collect)
 

@@ -11,7 +11,9 @@ Step by step it prints what each stage achieved:
                model would hold with full GQA or NSA attention at long contexts
 
   6. speculate SmolLM2-135M-Instruct answering held-out MT-bench questions greedily: plain decoding, EAGLE-2 and C2T
-               trees with the draft head and classifier committed under assets/ (outputs checked identical)
+               trees with the ShareGPT-trained draft head and classifier committed under assets/ (outputs checked
+               identical), at the papers' default sizes and at the sizes the cost model picks from this machine's
+               measured step costs and the trees committed beside the classifier
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from leanlm.data import prepare_data
 from leanlm.evals.perplexity import validation_perplexity
 from leanlm.inference import generate_text, load_model_and_tokenizer
 from leanlm.kvreport import cache_bytes, kv_report
+from leanlm.pretrained import committed_draft
 from leanlm.runconfig import load_run_config
-from leanlm.speculative.bench import run_bench
-from leanlm.speculative.c2t import C2T
+from leanlm.speculative.bench import run_bench, sized_strategies
+from leanlm.speculative.c2t import C2T, C2TClassifier
+from leanlm.speculative.c2t_train import load_rows
 from leanlm.speculative.draft import EagleDraftHead
 from leanlm.speculative.prompts import encode_chat, load_prompts
 from leanlm.speculative.tree import Eagle2
@@ -103,22 +107,39 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts:
 
 
 def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
-    head_dir, clf_dir = ASSETS / "draft-smollm2", ASSETS / "c2t-smollm2"
-    if not (head_dir / "model.safetensors").exists() or not (clf_dir / "model.safetensors").exists():
-        print(f"skipped: {head_dir} or {clf_dir} is missing (see assets/README.md for the commands that build them)")
+    committed = committed_draft("smollm2")
+    if committed is None or not all((d / "model.safetensors").exists() for d in committed):
+        print("skipped: the committed SmolLM2 draft head or C2T classifier is missing under assets/ (see "
+              "assets/README.md for the commands that build them)")
         return {}
+    head_dir, clf_dir = committed
     model, tokenizer = load_model_and_tokenizer("smollm2")
     head, meta = EagleDraftHead.load(head_dir, model.config)
+    data = (f"{meta['sharegpt']:,} ShareGPT conversations" if meta.get("sharegpt") else "the target's own replies")
+    vocab = (f", drafting over the {len(head.draft_vocab):,} most frequent answer ids"
+             if head.draft_vocab is not None else "")
     print(f"target SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters); "
-          f"draft head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters trained on "
-          f"{meta.get('answer_tokens', 0):,} answer tokens of the target's own replies")
-    strategies = {"eagle2": Eagle2(), "c2t": C2T(clf_dir)}
+          f"draft head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters ({head_dir.name}) trained on "
+          f"{meta.get('answer_tokens', 0):,} answer tokens of {data}{vocab}")
+    classifier = C2TClassifier.load(clf_dir)[0]
+    strategies = {"eagle2": Eagle2(), "c2t": C2T(classifier)}
+    trees = clf_dir / "trees.safetensors"  # the collected trees the classifier was trained on (compact form)
+    if trees.exists():
+        auto, chosen = sized_strategies(model, head, load_rows(trees)[0], classifier)
+        strategies.update(auto)
+        e2, c2, vs = chosen["eagle2"], chosen["c2t"], chosen["verify_seconds"]
+        print(f"sized for this machine (verify 1 / 8 / 64 tokens: "
+              f"{' / '.join(f'{vs[n] * 1000:.0f}' for n in (1, 8, 64))} ms, one draft layer "
+              f"{chosen['draft_layer_seconds'] * 1000:.1f} ms): eagle2 total_tokens={e2['total_tokens']} "
+              f"depth={e2['depth']}, c2t beta={c2['beta']}; the cost model predicts "
+              f"{max(e2['tokens_per_second'], c2['tokens_per_second']):.1f} tokens/s against "
+              f"{chosen['plain_tokens_per_second']:.1f} for plain decoding")
     prompts = load_prompts("mtbench", n_prompts)
     answers: dict[str, list[list[int]]] = {}
     rows = run_bench(model, tokenizer, head, strategies, {"mtbench": prompts}, max_new_tokens, progress=False,
                      answers=answers)
     print(f"last MT-bench question: {prompts[-1][:100]}")
-    print("answer (the same for all three): " + tokenizer.decode(answers["mtbench"][-1], skip_special_tokens=True)
+    print("answer (the same for all): " + tokenizer.decode(answers["mtbench"][-1], skip_special_tokens=True)
           [:300].replace("\n", " ") + " ...")
     plain = next(r for r in rows if r["strategy"] == "none")
     hf = _hf_generate_tokens_per_s(model, tokenizer, prompts, max_new_tokens)
@@ -128,13 +149,14 @@ def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
     for r in rows:
         if r["strategy"] == "none":
             continue
-        print(f"{r['strategy']}: tau {r['tau']:.2f} accepted draft tokens per step (+1 bonus), "
+        print(f"{r['describe']}: tau+1 {r['tau'] + 1:.2f} tokens per target step, "
               f"{r['candidates_per_step']:.1f} tokens verified per step, {r['tokens_per_s']:.1f} tokens/s = "
               f"{r['speedup']:.2f}x plain; output identical to plain greedy on {r['identical_outputs']}/{len(prompts)}"
               " prompts")
         result[r["strategy"]] = {"tau": r["tau"], "tokens_per_s": r["tokens_per_s"],
                                  "identical": r["identical_outputs"]}
-    print("(on this CPU a 60-token verification costs several single-token steps; see docs/results/speculative.md)")
+    print("(on this CPU verifying n tokens costs more than one step, so only small trees can pay; on a GPU, where it "
+          "costs about one, the cost model grows them. docs/results/speculative.md)")
     return result
 
 

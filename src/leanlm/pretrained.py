@@ -40,7 +40,7 @@ def smollm2_135m_instruct() -> Path:
 
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-COMMITTED_DRAFTS = {"smollm2": ("draft-smollm2", "c2t-smollm2")}
+COMMITTED_DRAFTS = {"smollm2": ("draft-smollm2-sharegpt", "c2t-smollm2-sharegpt")}  # issue #15: ShareGPT head, 8k ids
 
 
 def committed_draft(model_name: str) -> tuple[Path, Path] | None:

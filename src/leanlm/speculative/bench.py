@@ -88,13 +88,16 @@ def sized_strategies(model, head, rows: dict[str, torch.Tensor], classifier=None
     (`model` may be a compiled `Target`, `make_target(model, compile=True)`: then the compiled steps are measured)
     and the draft's seconds per layer here (`leanlm.speculative.cost`), then pick EAGLE-2's total_tokens/depth
     (`cost_aware_eagle2`) and, with a classifier, C2T's beta (`cost_aware_beta`) from the collected trees `rows`.
-    Returns the strategies ("eagle2:auto", "c2t:auto") and what was measured and chosen."""
+    Returns the strategies ("eagle2:auto", "c2t:auto") and what was measured and chosen, with the predicted tokens/s
+    of each choice beside plain decoding's (`plain_tokens_per_second`): when no size beats it, no tree pays on this
+    machine with this head, and the caller should decode plainly."""
     target = make_target(model)  # a compiled `Target` is measured compiled (each size compiles once, at warm-up)
     vs = verify_seconds(target, [1, 2, 4, 8, 16, 32, 64, 128])
     ds = draft_layer_seconds(head, target, width=top_k)
     best, _ = cost_aware_eagle2(rows, vs, ds)
     chosen = {"verify_seconds": vs, "draft_layer_seconds": ds,
               "backend": "compiled" if target.compile_stats.enabled else "eager",
+              "plain_tokens_per_second": 1.0 / vs[1],  # the cost model's plain decoding: one 1-token step a token
               "eagle2": {k: best[k] for k in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")}}
     out: dict[str, TreeStrategy] = {"eagle2:auto": Eagle2(best["total_tokens"], best["depth"], top_k)}
     if classifier is not None:

@@ -137,9 +137,22 @@ class _RecordingStrategy(TreeStrategy):
         return tree
 
 
-def save_rows(rows: dict[str, torch.Tensor], path: str | Path, meta: dict) -> None:
-    """Features + labels as one safetensors file (written atomically) with `meta` in its header."""
+COMPACT_DTYPES = {"depth": torch.int16, "node": torch.int16, "parent": torch.int16, "tree": torch.int32,
+                  "entropy": torch.float16, "label": torch.uint8}  # joint_logp stays float32 (log P reaches -30)
+
+
+def save_rows(rows: dict[str, torch.Tensor], path: str | Path, meta: dict, compact: bool = False) -> None:
+    """Features + labels as one safetensors file (written atomically) with `meta` in its header. `compact` stores
+    the indices in 16 bits (32 for the tree id), the entropy in float16 and the labels as bytes: about 2/5 of the
+    size, for a file that is committed (`load_rows` widens them again)."""
     tensors = {k: v.contiguous() for k, v in rows.items()}
+    if compact:
+        for k, dtype in COMPACT_DTYPES.items():
+            if k in tensors:
+                v = tensors[k]
+                if not dtype.is_floating_point and len(v) and int(v.abs().max()) > torch.iinfo(dtype).max:
+                    raise ValueError(f"{k} holds values beyond {dtype}; save it without compact")
+                tensors[k] = v.to(dtype)
     atomic_write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
 
 
@@ -152,6 +165,7 @@ def load_rows(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
             rows = {k: f.get_tensor(k) for k in f.keys()}
+        rows = {k: v.float() if v.is_floating_point() or k == "label" else v.long() for k, v in rows.items()}
     except Exception as exc:  # noqa: BLE001 - truncated or garbage file
         raise CheckpointError(f"{path} is not a readable C2T data file ({type(exc).__name__}: {exc}). Fix: re-collect "
                               f"it with `leanlm spec c2t-collect`") from None

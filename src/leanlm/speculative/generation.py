@@ -1,8 +1,9 @@
 """`generate()` for speculative decoding, shaped like Hugging Face's `model.generate`.
 
     from leanlm.speculative import generate   # defined in leanlm/speculative/generation.py
-    out = generate(model, input_ids, draft="assets/draft-smollm2", strategy="c2t", classifier="assets/c2t-smollm2",
-                   max_new_tokens=128, do_sample=False, streamer=TextStreamer(tokenizer))
+    out = generate(model, input_ids, draft="assets/draft-smollm2-sharegpt", strategy="c2t",
+                   classifier="assets/c2t-smollm2-sharegpt", max_new_tokens=128, do_sample=False,
+                   streamer=TextStreamer(tokenizer))
     text = tokenizer.decode(out[0, input_ids.shape[1]:])
 
 It returns the prompt followed by the new tokens as a LongTensor [B, T + new] on the prompt's device, like
