@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from leanlm.speculative.c2t_train import cost_aware_beta, load_rows
     from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, verify_seconds
     from leanlm.speculative.draft import EagleDraftHead
-    from leanlm.speculative.prompts import encode_chat, load_prompts
+    from leanlm.speculative.eval_sets import load_eval_prompts
+    from leanlm.speculative.prompts import encode_chat
     from leanlm.speculative.tree import Eagle2
 
     torch.manual_seed(0)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         strategies[f"eagle2 cost-aware N={e2['total_tokens']} depth={e2['depth']}"] = Eagle2(
             total_tokens=e2["total_tokens"], depth=e2["depth"], top_k=k)
 
-    prompts = {s: load_prompts(s, args.limit) for s in args.prompts.split(",")}
+    prompts = {s: load_eval_prompts(s, args.limit) for s in args.prompts.split(",")}
     rows = run_bench(model, tok, head, strategies, prompts, args.max_new_tokens)
     table = markdown(rows)
     print(table)

@@ -121,6 +121,25 @@ def test_sharegpt_sequences_from_a_file(tmp_path, smol_tokenizer):
         map(tuple, (s[0] for s in seqs)))
 
 
+def test_sharegpt_evaluation_prompts_are_the_held_out_first_turns(tmp_path):
+    """`spec bench --prompts sharegpt` decodes first user turns of the held-out side only (what the draft data
+    never reads), in file order, long ones skipped; the set is known to the command line."""
+    from leanlm.speculative.eval_sets import EVAL_SETS, load_eval_prompts
+
+    recs = [record(f"c{i}_0", ("human", f"Question {i}?" + ("!" * 5000 if i == 7 else "")), ("gpt", f"Answer {i}."),
+                   ("human", f"Follow-up {i}"), ("gpt", "More.")) for i in range(60)]
+    write_cut_file(tmp_path / "s.json", recs + [record("cut_0", ("human", "x"), ("gpt", "y"))])
+    train, held, _ = sg.split(sg.conversations(tmp_path / "s.json"), 0.2, 0)
+    prompts = sg.heldout_prompts(path=tmp_path / "s.json", held_out=0.2)
+    assert prompts == [c.turns[0]["content"] for c in held if len(c.turns[0]["content"]) <= 4000]
+    assert prompts and not set(prompts) & {c.turns[0]["content"] for c in train}
+    assert all(not p.startswith("Follow-up") for p in prompts)  # first turns only
+    assert sg.heldout_prompts(2, path=tmp_path / "s.json", held_out=0.2) == prompts[:2]
+    assert "sharegpt" in EVAL_SETS and load_eval_prompts("mtbench", 2) == load_eval_prompts("mtbench")[:2]
+    long_chat = next(c for c in train + held if c.id == "c7_0")
+    assert long_chat.turns[0]["content"] not in prompts  # over max_chars: skipped wherever it falls
+
+
 def test_conversation_features_are_teacher_forced_and_resumable(tmp_path):
     target = tiny()
     gen = torch.Generator().manual_seed(0)

@@ -154,13 +154,13 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     from leanlm.inference import check_fits_context, checked_device, load_model_and_tokenizer
     from leanlm.speculative.bench import markdown, run_bench
     from leanlm.speculative.heads import load_head
-    from leanlm.speculative.prompts import PROMPT_SETS, load_prompts
+    from leanlm.speculative.eval_sets import EVAL_SETS, load_eval_prompts
     from leanlm.speculative.strategies import parse_strategy
 
     sets = [s.strip() for s in args.prompts.split(",") if s.strip()]
-    bad = [s for s in sets if s not in PROMPT_SETS]
+    bad = [s for s in sets if s not in EVAL_SETS]
     if bad or not sets:
-        raise LeanLMError(f"--prompts: unknown set(s) {bad}. Fix: use some of {', '.join(PROMPT_SETS)}")
+        raise LeanLMError(f"--prompts: unknown set(s) {bad}. Fix: use some of {', '.join(EVAL_SETS)}")
     specs = [x for x in args.strategies.split(",") if x.strip()]
     if any(x.split(":")[0] == "c2t" for x in specs) and not args.classifier:
         raise LeanLMError("--strategies c2t needs a classifier. Fix: pass --classifier DIR")
@@ -199,7 +199,7 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         print(f"predicted: best tree {best:.1f} tokens/s, plain decoding {chosen['plain_tokens_per_second']:.1f} "
               f"tokens/s" + (" (no tree size pays on this machine with this head)"
                              if best < chosen["plain_tokens_per_second"] else ""))
-    prompt_sets = {s: load_prompts(s, args.limit) for s in sets}
+    prompt_sets = {s: load_eval_prompts(s, args.limit) for s in sets}
     for name, prompts in prompt_sets.items():  # every prompt must fit before any decoding starts
         for i, prompt in enumerate(prompts):
             check_fits_context(model, len(encode_chat(tokenizer, prompt)), args.max_new_tokens,
@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb = ssub.add_parser("bench", help="speculative vs plain decoding on MT-bench / GSM8K / HumanEval prompts")
     sb.add_argument("target", help="smollm2, a local HF model folder or a leanlm checkpoint")
     sb.add_argument("--draft", required=True)
-    sb.add_argument("--prompts", default="mtbench,gsm8k,humaneval")
+    sb.add_argument("--prompts", default="mtbench,gsm8k,humaneval",
+                    help="comma-separated sets: mtbench, gsm8k, humaneval, sharegpt (held-out ShareGPT first turns)")
     sb.add_argument("--limit", type=positive_int, default=None, help="first N prompts of each set")
     sb.add_argument("--strategies", default="chain,static,eagle2",
                     help="comma-separated; each NAME or NAME:key=value:..., e.g. eagle2:total_tokens=30,c2t:beta=0.5")

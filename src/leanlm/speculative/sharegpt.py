@@ -9,6 +9,7 @@ at 125.5 MB, so it is not valid JSON: `iter_records` decodes it one record at a 
     split()                  train / held-out by conversation (ShareGPT splits long chats into `<id>_0`, `<id>_1`,
                              ...; the parts of one chat stay on one side), after dropping every conversation that
                              quotes an evaluation prompt (MT-bench, GSM8K, HumanEval)
+    heldout_prompts()        first user turns of the held-out side: the `sharegpt` evaluation set of `spec bench`
     encode_conversation()    token ids in the target's chat template and the mask of assistant tokens (the loss is
                              on those; the rest is context), checked to be prefix-consistent turn by turn
 """
@@ -201,6 +202,18 @@ def encode_conversation(tokenizer, conv: Conversation, max_len: int) -> tuple[li
         if len(tokens) >= max_len:
             break
     return tokens[:max_len], mask[:max_len]
+
+
+def heldout_prompts(limit: int | None = None, seed: int = 0, held_out: float = 0.02, max_chars: int = 4000,
+                    path: str | Path | None = None) -> list[str]:
+    """First user turns of the held-out side of the split (`split`, same `seed` and `held_out` as the draft data),
+    in file order: evaluation prompts a ShareGPT-trained head has never seen. Conversations whose first turn is
+    longer than `max_chars` characters (about 1,000 tokens) are skipped, so every prompt leaves room to answer; the
+    set is the first `limit` that remain."""
+    convs = conversations(path)
+    _, held, _ = split(convs, held_out, seed, evaluation_keys())
+    prompts = [c.turns[0]["content"] for c in held if len(c.turns[0]["content"]) <= max_chars]
+    return prompts[:limit] if limit else prompts
 
 
 def sharegpt_sequences(tokenizer, counts: dict[str, int], max_len: int, seed: int = 0, held_out: float = 0.02,
