@@ -19,7 +19,6 @@ Step by step it prints what each stage achieved:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,9 +40,6 @@ from leanlm.wisca import WiscaCallback
 
 def _banner(i: int, title: str) -> None:
     print(f"\n=== [{i}] {title} " + "=" * max(0, 60 - len(title)), flush=True)
-
-
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def run_demo(out_dir: str = "runs/demo", steps: int | None = None, spec_prompts: int = 2,
