@@ -215,8 +215,8 @@ def main() -> int:
         print(f"error: unknown methods {bad}; use some of {ALL}", file=sys.stderr)
         return 2
     model, tok = load_model_and_tokenizer("smollm2")
-    head_dir, clf_dir = committed_draft("smollm2")
-    head_dir, clf_dir = Path(args.draft or head_dir), Path(args.classifier or clf_dir)
+    committed = committed_draft("smollm2") or (None, None)
+    head_dir, clf_dir = Path(args.draft or committed[0]), Path(args.classifier or committed[1])
     head, _ = EagleDraftHead.load(head_dir, model.config)
     strategies = {"chain": parse_strategy(args.chain), "eagle2": parse_strategy(args.eagle2),
                   "c2t": parse_strategy(args.c2t, classifier=str(clf_dir))}
@@ -224,7 +224,8 @@ def main() -> int:
     eos = tok.eos_token_id
     capacity = cache_capacity(max(len(p) for p in prompts), args.max_new_tokens, max(BUCKETS))
     eager, compiled = make_target(model, compile=False), None
-    meta = {"threads": args.threads, "draft": str(head_dir), "classifier": str(clf_dir), "max_new_tokens": args.max_new_tokens, "capacity": capacity,
+    meta = {"threads": args.threads, "draft": str(head_dir), "classifier": str(clf_dir),
+            "max_new_tokens": args.max_new_tokens, "capacity": capacity,
             "strategies": {k: v.describe() for k, v in strategies.items()}, "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "compile_warmup_seconds": {}}
     rows_path = out.with_suffix(".jsonl")

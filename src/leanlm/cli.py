@@ -182,23 +182,13 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
 
     target = make_target(model, args.compile)  # sizes are measured on the backend that decodes (compiled or not)
     if trees is not None:
-        from leanlm.speculative.bench import sized_strategies
+        from leanlm.speculative.bench import describe_sizes, sized_strategies
         from leanlm.speculative.c2t import C2TClassifier
 
         clf = C2TClassifier.load(args.classifier)[0] if args.classifier else None
         auto, chosen = sized_strategies(target, head, trees, clf)
         strategies.update(auto)
-        e2 = chosen["eagle2"]
-        print(f"tree sizes for this machine (draft layer {chosen['draft_layer_seconds'] * 1000:.1f} ms, verify "
-              f"{', '.join(f'{n}: {s * 1000:.1f}' for n, s in chosen['verify_seconds'].items())} ms): eagle2 "
-              f"total_tokens={e2['total_tokens']} depth={e2['depth']} (replayed tau {e2['tau']:.2f}, "
-              f"{e2['nodes']:.1f} nodes)" + (f"; c2t beta={chosen['c2t']['beta']} (replayed tau "
-                                            f"{chosen['c2t']['tau']:.2f}, {chosen['c2t']['nodes']:.1f} nodes)"
-                                            if "c2t" in chosen else ""))
-        best = max([e2["tokens_per_second"]] + ([chosen["c2t"]["tokens_per_second"]] if "c2t" in chosen else []))
-        print(f"predicted: best tree {best:.1f} tokens/s, plain decoding {chosen['plain_tokens_per_second']:.1f} "
-              f"tokens/s" + (" (no tree size pays on this machine with this head)"
-                             if best < chosen["plain_tokens_per_second"] else ""))
+        print(describe_sizes(chosen))
     prompt_sets = {s: load_eval_prompts(s, args.limit) for s in sets}
     for name, prompts in prompt_sets.items():  # every prompt must fit before any decoding starts
         for i, prompt in enumerate(prompts):

@@ -28,7 +28,7 @@ from leanlm.inference import generate_text, load_model_and_tokenizer
 from leanlm.kvreport import cache_bytes, kv_report
 from leanlm.pretrained import committed_draft
 from leanlm.runconfig import load_run_config
-from leanlm.speculative.bench import run_bench, sized_strategies
+from leanlm.speculative.bench import describe_sizes, run_bench, sized_strategies
 from leanlm.speculative.c2t import C2T, C2TClassifier
 from leanlm.speculative.c2t_train import load_rows
 from leanlm.speculative.draft import EagleDraftHead
@@ -123,13 +123,7 @@ def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
     if trees.exists():
         auto, chosen = sized_strategies(model, head, load_rows(trees)[0], classifier)
         strategies.update(auto)
-        e2, c2, vs = chosen["eagle2"], chosen["c2t"], chosen["verify_seconds"]
-        print(f"sized for this machine (verify 1 / 8 / 64 tokens: "
-              f"{' / '.join(f'{vs[n] * 1000:.0f}' for n in (1, 8, 64))} ms, one draft layer "
-              f"{chosen['draft_layer_seconds'] * 1000:.1f} ms): eagle2 total_tokens={e2['total_tokens']} "
-              f"depth={e2['depth']}, c2t beta={c2['beta']}; the cost model predicts "
-              f"{max(e2['tokens_per_second'], c2['tokens_per_second']):.1f} tokens/s against "
-              f"{chosen['plain_tokens_per_second']:.1f} for plain decoding")
+        print(describe_sizes(chosen))
     prompts = load_prompts("mtbench", n_prompts)
     answers: dict[str, list[list[int]]] = {}
     rows = run_bench(model, tokenizer, head, strategies, {"mtbench": prompts}, max_new_tokens, progress=False,

@@ -68,6 +68,22 @@ def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], promp
     return rows
 
 
+def describe_sizes(chosen: dict) -> str:
+    """Two lines on what `sized_strategies` measured and chose: the step costs and sizes, then the predicted tokens/s
+    of the best tree against plain decoding (and whether any tree pays)."""
+    e2, c2 = chosen["eagle2"], chosen.get("c2t")
+    verify = ", ".join(f"{n}: {s * 1000:.1f}" for n, s in chosen["verify_seconds"].items())
+    line = (f"tree sizes for this machine (draft layer {chosen['draft_layer_seconds'] * 1000:.1f} ms, verify {verify} "
+            f"ms): eagle2 total_tokens={e2['total_tokens']} depth={e2['depth']} (replayed tau {e2['tau']:.2f}, "
+            f"{e2['nodes']:.1f} nodes)")
+    if c2 is not None:
+        line += f"; c2t beta={c2['beta']} (replayed tau {c2['tau']:.2f}, {c2['nodes']:.1f} nodes)"
+    best = max(e2["tokens_per_second"], c2["tokens_per_second"] if c2 is not None else 0.0)
+    plain = chosen["plain_tokens_per_second"]
+    return (line + f"\npredicted: best tree {best:.1f} tokens/s, plain decoding {plain:.1f} tokens/s"
+            + (" (no tree size pays on this machine with this head)" if best < plain else ""))
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| prompts | strategy | n | τ | τ+1 | candidates/step | draft ms/step | verify ms/step | tok/s | speed-up | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
