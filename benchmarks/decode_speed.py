@@ -237,18 +237,15 @@ def main() -> int:
             first.setdefault("resumed_warmups", []).append(warmups)
             meta = first
     if args.size_from:  # trees sized to this machine, once per run (a resumed run keeps the first start's sizes)
-        from leanlm.speculative.c2t import C2T, C2TClassifier
-        from leanlm.speculative.tree import Eagle2
+        from leanlm.speculative.bench import sized_strategies, strategies_for_sizes
+        from leanlm.speculative.c2t import C2TClassifier
+        from leanlm.speculative.c2t_train import load_rows
 
         clf = C2TClassifier.load(clf_dir)[0]
         if "sizes" not in meta:
-            from leanlm.speculative.bench import sized_strategies
-            from leanlm.speculative.c2t_train import load_rows
-
             _, meta["sizes"] = sized_strategies(eager, head, load_rows(args.size_from)[0], clf)
-        sizes = meta["sizes"]
-        strategies["eagle2"] = Eagle2(sizes["eagle2"]["total_tokens"], sizes["eagle2"]["depth"], top_k=10)
-        strategies["c2t"] = C2T(clf, beta=sizes["c2t"]["beta"])
+        auto = strategies_for_sizes(meta["sizes"], clf)
+        strategies["eagle2"], strategies["c2t"] = auto["eagle2:auto"], auto["c2t:auto"]
         meta["strategies"] = {k: v.describe() for k, v in strategies.items()}
         print(f"sized for this machine: {meta['strategies']}", flush=True)
     done = set()

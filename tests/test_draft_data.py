@@ -327,6 +327,9 @@ def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
     assert ("no tree size pays" in printed) == (chosen["tokens_per_second"] < plain)
     auto = [r for r in result["rows"] if r["strategy"] == "eagle2:auto"]
     assert len(auto) == 1 and auto[0]["identical_outputs"] == 1
+    from leanlm.speculative.bench import strategies_for_sizes
+
+    assert strategies_for_sizes(result["sizes"])["eagle2:auto"].describe() == auto[0]["describe"]  # from the JSON
     assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--size-from",
                  str(tmp_path / "none.safetensors")]) == 2  # refused before any model is loaded
 

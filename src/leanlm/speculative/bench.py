@@ -114,12 +114,21 @@ def sized_strategies(model, head, rows: dict[str, torch.Tensor], classifier=None
     chosen = {"verify_seconds": vs, "draft_layer_seconds": ds,
               "backend": "compiled" if target.compile_stats.enabled else "eager",
               "plain_tokens_per_second": 1.0 / vs[1],  # the cost model's plain decoding: one 1-token step a token
-              "eagle2": {k: best[k] for k in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")}}
-    out: dict[str, TreeStrategy] = {"eagle2:auto": Eagle2(best["total_tokens"], best["depth"], top_k)}
+              "eagle2": {k: best[k] for k in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")},
+              "top_k": top_k}
     if classifier is not None:
         beta, table = cost_aware_beta(classifier, rows, vs, ds)
         row = next(r for r in table if r["beta"] == beta)
         chosen["c2t"] = {"beta": beta, "tau": row["tau"], "nodes": row["nodes"],
                          "tokens_per_second": row["tokens_per_second"]}
-        out["c2t:auto"] = C2T(classifier, beta=beta)
-    return out, chosen
+    return strategies_for_sizes(chosen, classifier), chosen
+
+
+def strategies_for_sizes(chosen: dict, classifier=None) -> dict[str, TreeStrategy]:
+    """The strategies ("eagle2:auto", and "c2t:auto" with a classifier) of sizes `sized_strategies` chose, also
+    from a stored copy of `chosen` (a JSON round trip keeps every field this reads)."""
+    e2 = chosen["eagle2"]
+    out: dict[str, TreeStrategy] = {"eagle2:auto": Eagle2(e2["total_tokens"], e2["depth"], chosen.get("top_k", 10))}
+    if classifier is not None and "c2t" in chosen:
+        out["c2t:auto"] = C2T(classifier, beta=chosen["c2t"]["beta"])
+    return out
