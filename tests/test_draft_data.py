@@ -301,6 +301,45 @@ def test_tree_size_follows_the_machine():
     assert interpolate_seconds(steep, 256) == pytest.approx(1.28)
 
 
+def test_overhead_per_step_is_charged_to_every_tree_size():
+    """A fixed per-step cost favours trees that accept more per step: with it the chosen tree is never smaller, and
+    every row's step time carries it."""
+    from leanlm.speculative.cost import cost_aware_eagle2
+
+    rows = tree_rows()
+    steep = {1: 0.010, 16: 0.080, 64: 0.320, 128: 0.640}
+    lean, lean_table = cost_aware_eagle2(rows, steep, draft_layer_seconds=0.001)
+    heavy, heavy_table = cost_aware_eagle2(rows, steep, draft_layer_seconds=0.001, overhead_seconds=0.5)
+    assert heavy["tau"] >= lean["tau"] and heavy["nodes"] > lean["nodes"]
+    for a, b in zip(lean_table, heavy_table):
+        assert b["step_seconds"] == pytest.approx(a["step_seconds"] + 0.5)
+
+
+def test_step_overhead_finds_work_outside_the_modelled_forwards(monkeypatch):
+    """With the model's terms set to zero the "tree" overhead is the whole step; a 20 ms delay added where the
+    engine hands accepted tokens back to the draft head (outside the target's step and the tree's growth) shows up
+    in it, and not in plain decoding's."""
+    import time
+
+    from leanlm.speculative.cost import step_overhead_seconds
+
+    model = tiny()
+    head = EagleDraftHead(head_config(model.config)).eval()
+    zero = {1: 0.0, 128: 0.0}
+    prefill = DraftSession.prefill
+    calls = []
+
+    def slow_prefill(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the first prefill reads the prompt; the later ones are the per-step re-reads
+            time.sleep(0.02)
+        return prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(DraftSession, "prefill", slow_prefill)
+    over = step_overhead_seconds(model, head, zero, 0.0, context=16, new_tokens=6, top_k=3, repeats=1)
+    assert over["tree"] >= 0.02 > over["plain"] >= 0.0
+
+
 def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
     from leanlm.cli import main
     from leanlm.runconfig import build_run_config
@@ -321,8 +360,10 @@ def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
     assert chosen["total_tokens"] in (4, 8, 12, 16, 24, 32, 48, 60, 80, 128) and 2 <= chosen["depth"] <= 8
     printed = capsys.readouterr().out
     assert "tree sizes for this machine" in printed
-    plain = result["sizes"]["plain_tokens_per_second"]  # the cost model's plain step: one 1-token verification
-    assert plain == pytest.approx(1.0 / result["sizes"]["verify_seconds"]["1"])
+    sizes = result["sizes"]
+    plain = sizes["plain_tokens_per_second"]  # the cost model's plain step: a 1-token verification + its overhead
+    assert plain == pytest.approx(1.0 / (sizes["verify_seconds"]["1"] + sizes["overhead_seconds"]["plain"]))
+    assert min(sizes["overhead_seconds"].values()) >= 0.0 and "step overhead plain" in printed
     assert f"plain decoding {plain:.1f} tokens/s" in printed
     assert ("no tree size pays" in printed) == (chosen["tokens_per_second"] < plain)
     auto = [r for r in result["rows"] if r["strategy"] == "eagle2:auto"]

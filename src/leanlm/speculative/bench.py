@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from leanlm.speculative.c2t import C2T
 from leanlm.speculative.c2t_train import cost_aware_beta
-from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, verify_seconds
+from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, step_overhead_seconds, verify_seconds
 from leanlm.speculative.engine import SpeculativeDecoder, cache_capacity, plain_generate
 from leanlm.speculative.prompts import encode_chat
 from leanlm.speculative.target import make_target
@@ -73,8 +73,10 @@ def describe_sizes(chosen: dict) -> str:
     of the best tree against plain decoding (and whether any tree pays)."""
     e2, c2 = chosen["eagle2"], chosen.get("c2t")
     verify = ", ".join(f"{n}: {s * 1000:.1f}" for n, s in chosen["verify_seconds"].items())
+    over = chosen.get("overhead_seconds")  # absent from sizes stored before the overhead was modelled
+    over = f", step overhead plain {over['plain'] * 1000:.1f} / tree {over['tree'] * 1000:.1f} ms" if over else ""
     line = (f"tree sizes for this machine (draft layer {chosen['draft_layer_seconds'] * 1000:.1f} ms, verify {verify} "
-            f"ms): eagle2 total_tokens={e2['total_tokens']} depth={e2['depth']} (replayed tau {e2['tau']:.2f}, "
+            f"ms{over}): eagle2 total_tokens={e2['total_tokens']} depth={e2['depth']} (replayed tau {e2['tau']:.2f}, "
             f"{e2['nodes']:.1f} nodes)")
     if c2 is not None:
         line += f"; c2t beta={c2['beta']} (replayed tau {c2['tau']:.2f}, {c2['nodes']:.1f} nodes)"
@@ -102,22 +104,25 @@ def sized_strategies(model, head, rows: dict[str, torch.Tensor], classifier=None
                      top_k: int = 10) -> tuple[dict[str, TreeStrategy], dict]:
     """Tree sizes for this machine and backend: measure the target's verification seconds at 1..128 tree tokens
     (`model` may be a compiled `Target`, `make_target(model, compile=True)`: then the compiled steps are measured)
-    and the draft's seconds per layer here (`leanlm.speculative.cost`), then pick EAGLE-2's total_tokens/depth
-    (`cost_aware_eagle2`) and, with a classifier, C2T's beta (`cost_aware_beta`) from the collected trees `rows`.
+    and the draft's seconds per layer here, and the engine's per-step overhead beyond both, plain and with a tree
+    (`leanlm.speculative.cost`), then pick EAGLE-2's total_tokens/depth (`cost_aware_eagle2`) and, with a
+    classifier, C2T's beta (`cost_aware_beta`) from the collected trees `rows`.
     Returns the strategies ("eagle2:auto", "c2t:auto") and what was measured and chosen, with the predicted tokens/s
     of each choice beside plain decoding's (`plain_tokens_per_second`): when no size beats it, no tree pays on this
     machine with this head, and the caller should decode plainly."""
     target = make_target(model)  # a compiled `Target` is measured compiled (each size compiles once, at warm-up)
     vs = verify_seconds(target, [1, 2, 4, 8, 16, 32, 64, 128])
     ds = draft_layer_seconds(head, target, width=top_k)
-    best, _ = cost_aware_eagle2(rows, vs, ds)
-    chosen = {"verify_seconds": vs, "draft_layer_seconds": ds,
+    over = step_overhead_seconds(target, head, vs, ds, top_k=top_k)
+    best, _ = cost_aware_eagle2(rows, vs, ds, overhead_seconds=over["tree"])
+    chosen = {"verify_seconds": vs, "draft_layer_seconds": ds, "overhead_seconds": over,
               "backend": "compiled" if target.compile_stats.enabled else "eager",
-              "plain_tokens_per_second": 1.0 / vs[1],  # the cost model's plain decoding: one 1-token step a token
+              # the cost model's plain decoding: one 1-token step and the engine's overhead a token
+              "plain_tokens_per_second": 1.0 / (vs[1] + over["plain"]),
               "eagle2": {k: best[k] for k in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")},
               "top_k": top_k}
     if classifier is not None:
-        beta, table = cost_aware_beta(classifier, rows, vs, ds)
+        beta, table = cost_aware_beta(classifier, rows, vs, ds, overhead_seconds=over["tree"])
         row = next(r for r in table if r["beta"] == beta)
         chosen["c2t"] = {"beta": beta, "tau": row["tau"], "nodes": row["nodes"],
                          "tokens_per_second": row["tokens_per_second"]}

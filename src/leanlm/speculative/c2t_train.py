@@ -291,16 +291,19 @@ def replay(classifier: C2TClassifier, rows: dict[str, torch.Tensor], beta: float
 
 
 def cost_aware_beta(classifier: C2TClassifier, rows: dict[str, torch.Tensor], verify_seconds: dict[int, float],
-                    draft_layer_seconds: float, betas: list[float] | None = None) -> tuple[float, list[dict]]:
+                    draft_layer_seconds: float, betas: list[float] | None = None,
+                    overhead_seconds: float = 0.0) -> tuple[float, list[dict]]:
     """Pick beta for this hardware: for each beta, replay the collected trees (`replay`) for the expected accepted
     length tau(beta), tree size n(beta) and layers drafted; a step costs draft_layer_seconds * layers + the measured
-    verification time of n tokens (interpolated in `verify_seconds`); choose the beta with the most tokens per
-    second, (tau + 1) / step time. Returns (beta, table)."""
+    verification time of n tokens (interpolated in `verify_seconds`) + `overhead_seconds` (the engine's per-step
+    work outside both, `cost.step_overhead_seconds`); choose the beta with the most tokens per second,
+    (tau + 1) / step time. Returns (beta, table)."""
     betas = betas or [round(0.05 * i, 2) for i in range(1, 20)]
     table = []
     for b in betas:
         r = replay(classifier, rows, b)
-        step = draft_layer_seconds * max(1.0, r["layers"]) + interpolate_seconds(verify_seconds, r["nodes"])
+        step = (draft_layer_seconds * max(1.0, r["layers"]) + interpolate_seconds(verify_seconds, r["nodes"])
+                + overhead_seconds)
         table.append({**r, "step_seconds": step, "tokens_per_second": (r["tau"] + 1) / step})
     best = max(table, key=lambda r: r["tokens_per_second"])
     return best["beta"], table

@@ -4,7 +4,15 @@ On a GPU, verifying a few dozen tokens costs about as much as one (the forward i
 grows with n almost from the start. Strategies that choose their tree size read these numbers instead of assuming
 either: C2T's cost-aware beta (`c2t_train.cost_aware_beta`) and EAGLE-2's total_tokens/depth
 (`cost_aware_eagle2`), both by replaying trees collected with `leanlm spec c2t-collect` under the same step-cost
-model, (tau + 1) / (layers drafted x draft seconds per layer + verification seconds of the tree's tokens).
+model, (tau + 1) / (layers drafted x draft seconds per layer + verification seconds of the tree's tokens +
+per-step overhead).
+
+The overhead (`step_overhead_seconds`) is what a real step of the engine costs beyond those two terms: the draft
+head re-reading the accepted tokens (which also gives the next root distribution), the tree's masks and
+positions, acceptance, the cache move and the Python around them. It is measured by running the engine, once
+plainly (against a 1-token verification) and once with a small EAGLE-2 tree (against its modelled step), so plain
+decoding's prediction carries its own overhead too. Leaving it out made the model optimistic: on the 2-core CPU it
+predicted a 4-8-node tree 5-19% faster than plain decoding where the engine ran it 10-17% slower.
 """
 
 from __future__ import annotations
@@ -15,9 +23,9 @@ import time
 import torch
 
 from leanlm.speculative.draft import DraftSession
-from leanlm.speculative.engine import cache_capacity
+from leanlm.speculative.engine import SpeculativeDecoder, cache_capacity, plain_generate
 from leanlm.speculative.target import make_target
-from leanlm.speculative.tree import TokenTree
+from leanlm.speculative.tree import Eagle2, TokenTree
 
 
 @torch.no_grad()
@@ -78,6 +86,37 @@ def draft_layer_seconds(head, target, width: int = 10, context: int = 256, repea
     return statistics.median(times[1:])
 
 
+@torch.no_grad()
+def step_overhead_seconds(target, head, verify_seconds: dict[int, float], draft_layer_seconds: float,
+                          context: int = 256, new_tokens: int = 24, total_tokens: int = 4, depth: int = 2,
+                          top_k: int = 10, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Seconds a real engine step costs beyond the cost model's terms, measured (median of `repeats` runs after a
+    warm-up) on a random `context`-token prompt, `new_tokens` tokens each run:
+
+    - "plain": a plain decoding step minus `verify_seconds[1]`;
+    - "tree": an EAGLE-2 step (`total_tokens`, `depth`, `top_k`) minus (depth - 1) x `draft_layer_seconds` minus
+      the interpolated verification of the nodes it verified.
+
+    Clamped at 0. A random prompt makes the head's drafts mostly rejected, so the re-read of accepted tokens is
+    measured at about one token a step (real steps re-read tau + 1). `target` may be a compiled `Target`."""
+    tgt = make_target(target)
+    g = torch.Generator().manual_seed(seed)
+    limit = getattr(tgt.config, "max_position_embeddings", None)  # a short-context model gets a shorter prompt
+    context = min(context, limit - new_tokens) if limit else context
+    ids = torch.randint(0, tgt.config.vocab_size, (1, context), generator=g)
+    capacity = cache_capacity(context, new_tokens, 16)
+    plain, tree = [], []
+    decoder = SpeculativeDecoder(tgt, head, Eagle2(total_tokens, depth, top_k), capacity=capacity)
+    for _ in range(repeats + 1):  # the first run warms up (and compiles)
+        out, seconds = plain_generate(tgt, ids, new_tokens, capacity=capacity)
+        plain.append(seconds / max(1, len(out) - 1) - verify_seconds[1])
+        _, st = decoder.generate(ids, new_tokens)
+        s = max(1, st.steps)
+        modelled = draft_layer_seconds * (depth - 1) + interpolate_seconds(verify_seconds, st.candidates / s)
+        tree.append((st.draft_seconds + st.verify_seconds) / s - modelled)
+    return {"plain": max(0.0, statistics.median(plain[1:])), "tree": max(0.0, statistics.median(tree[1:]))}
+
+
 def interpolate_seconds(seconds: dict[int, float], n: float) -> float:
     """Verification seconds of an n-token tree from measured sizes: linear between them, proportional beyond."""
     sizes = sorted(seconds)
@@ -111,17 +150,18 @@ def replay_eagle2(rows: dict[str, torch.Tensor], total_tokens: int, depth: int) 
 
 
 def cost_aware_eagle2(rows: dict[str, torch.Tensor], verify_seconds: dict[int, float], draft_layer_seconds: float,
-                      sizes: list[int] | None = None, depths: list[int] | None = None) -> tuple[dict, list[dict]]:
+                      sizes: list[int] | None = None, depths: list[int] | None = None,
+                      overhead_seconds: float = 0.0) -> tuple[dict, list[dict]]:
     """EAGLE-2's tree size for this hardware: for each (total_tokens, depth) replay the collected trees
     (`replay_eagle2`) and model a step as (depth - 1) draft layers (EAGLE-2 expands depth - 1 times after the root
-    distribution) plus the verification of the kept nodes; choose the most tokens per second. Returns (the best
-    row, the table)."""
+    distribution) plus the verification of the kept nodes plus `overhead_seconds` (`step_overhead_seconds`'s
+    "tree"); choose the most tokens per second. Returns (the best row, the table)."""
     sizes = sizes or [4, 8, 12, 16, 24, 32, 48, 60, 80, 128]
     depths = depths or [2, 3, 4, 5, 6, 7, 8]
     table = []
     for n in sizes:
         for d in depths:
             r = replay_eagle2(rows, n, d)
-            step = draft_layer_seconds * (d - 1) + interpolate_seconds(verify_seconds, r["nodes"])
+            step = draft_layer_seconds * (d - 1) + interpolate_seconds(verify_seconds, r["nodes"]) + overhead_seconds
             table.append({**r, "step_seconds": step, "tokens_per_second": (r["tau"] + 1) / step})
     return max(table, key=lambda r: r["tokens_per_second"]), table
