@@ -4,8 +4,9 @@ Side by side in one run, every prompt decoded plainly and with every configurati
 checked identical to plain decoding):
   - EAGLE-2 with total_tokens swept (same top_k and depth for every point);
   - C2T with beta swept (same top_k / max depth), using a classifier from `leanlm spec c2t-train`;
-  - C2T with the cost-aware beta: verification cost of n tokens and the draft cost of one layer are measured on
-    this machine first, then `leanlm.speculative.c2t.cost_aware_beta` picks beta from the collected trees;
+  - C2T with the cost-aware beta: verification cost of n tokens, the draft cost of one layer and the engine's
+    per-step overhead are measured on this machine first, then `leanlm.speculative.c2t.cost_aware_beta` picks beta
+    from the collected trees;
   - EAGLE-2 sized by the same cost model (`leanlm.speculative.cost.cost_aware_eagle2`: total_tokens and depth);
   - batched decoding (several prompts per target forward) for the default C2T and EAGLE-2 points.
 Reported: τ, γ (candidates verified per step, root included), draft/verify ms per step, tokens/s, speed-up over
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from leanlm.speculative.bench import markdown, run_bench
     from leanlm.speculative.c2t import C2T, C2TClassifier
     from leanlm.speculative.c2t_train import cost_aware_beta, load_rows
-    from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, verify_seconds
+    from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, step_overhead_seconds, verify_seconds
     from leanlm.speculative.draft import EagleDraftHead
     from leanlm.speculative.eval_sets import load_eval_prompts
     from leanlm.speculative.prompts import encode_chat
@@ -83,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [1, 2, 4, 8, 16, 32, 64, 128]
         vs = verify_seconds(model, sizes, context=256, repeats=5)
         ds = draft_layer_seconds(head, model, width=k, context=256, repeats=5)
+        over = step_overhead_seconds(model, head, vs, ds, top_k=k)  # the engine's work outside both forwards
         rows, _ = load_rows(args.c2t_data)
-        beta, table = cost_aware_beta(clf, rows, vs, ds)
-        costs = {"verify_seconds": vs, "draft_layer_seconds": ds, "beta": beta, "table": table}
+        beta, table = cost_aware_beta(clf, rows, vs, ds, overhead_seconds=over["tree"])
+        costs = {"verify_seconds": vs, "draft_layer_seconds": ds, "overhead_seconds": over, "beta": beta,
+                 "table": table}
         print(f"verify seconds by tree size: { {n: round(s * 1000, 1) for n, s in vs.items()} } ms; one draft "
-              f"layer {ds * 1000:.1f} ms -> cost-aware beta {beta}")
+              f"layer {ds * 1000:.1f} ms; step overhead {over['tree'] * 1000:.1f} ms -> cost-aware beta {beta}")
         strategies[f"c2t cost-aware beta={beta}"] = C2T(clf, beta=beta, top_k=k, max_depth=depth, second_topk=k)
-        e2, _ = cost_aware_eagle2(rows, vs, ds)  # EAGLE-2 sized by the same cost model (total_tokens and depth)
+        e2, _ = cost_aware_eagle2(rows, vs, ds, overhead_seconds=over["tree"])  # EAGLE-2 sized by the same cost model (total_tokens and depth)
         costs["eagle2"] = {key: e2[key] for key in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")}
         print(f"cost-aware EAGLE-2: total_tokens {e2['total_tokens']}, depth {e2['depth']}")
         strategies[f"eagle2 cost-aware N={e2['total_tokens']} depth={e2['depth']}"] = Eagle2(
