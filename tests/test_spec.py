@@ -251,7 +251,7 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
     ckpt = str(trainer.ckpt_dir / "step-00000002")
     head = tmp_path / "head"
     assert main(["spec", "train-draft", ckpt, "--out", str(head), "--prompts", "6", "--max-new-tokens", "6",
-                 "--epochs", "1"]) == 0
+                 "--epochs", "1", "--draft-vocab", "1"]) == 0
     assert "draft head saved" in capsys.readouterr().out
     loaded, meta = EagleDraftHead.load(head, trainer.model.config)
     assert meta["prompts"] == 6 and 0.0 <= meta["final_train"]["acc"] <= 1.0
@@ -264,6 +264,14 @@ def test_cli_train_draft_then_speculative_generate(tiny_config, tmp_path, capsys
     assert "held-out" in capsys.readouterr().out
     _, meta2 = EagleDraftHead.load(more, trainer.model.config)
     assert meta2["init"] == str(head) and meta2["cls_weight"] == 0.5 and meta2["history"][0]["steps"] == meta["steps"]
+    # the continued head keeps the first one's single draft id, and its coverage is counted over it (not as full)
+    from leanlm.speculative.train_draft import answer_token_counts, coverage, load_feature_cache
+
+    kept, _ = EagleDraftHead.load(more, trainer.model.config)
+    assert torch.equal(kept.draft_vocab, loaded.draft_vocab) and len(kept.draft_vocab) == 1
+    counts = answer_token_counts(load_feature_cache(tmp_path / "head-data")[:-2], trainer.model.config.vocab_size)
+    expected = coverage(counts, kept.draft_vocab)
+    assert meta2["draft_vocab_coverage"] == pytest.approx(expected) and expected < 1.0
     assert meta["train"]["cls_target"] == "greedy" and meta2["train"]["cls_target"] == "data"
     assert all("acc_greedy" in v for v in meta2["val_by_epoch"])
     assert len(meta2["val_by_epoch"]) == 2 and all(0 < v["tokens"] and 0 <= v["acc"] <= 1 for v in meta2["val_by_epoch"])

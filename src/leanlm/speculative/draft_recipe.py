@@ -185,6 +185,9 @@ class DraftRecipe:
                                                                                       "final_train")}]
             head = self.new_head(model.config, vocab if vocab is not None else init.draft_vocab,
                                  model.get_output_embeddings())
+            if vocab is None and head.draft_vocab is not None:
+                say(f"draft vocabulary: the --init head's {len(head.draft_vocab):,} ids cover "
+                    f"{coverage(counts, head.draft_vocab.cpu()):.3f} of the training answer tokens")
             skip = ("draft_vocab", "d2t", "t2d", "lm_head.weight")  # the vocabulary (and its LM-head rows) may change
             head.load_state_dict({k: v for k, v in init.state_dict().items() if k not in skip}, strict=False)
         else:
@@ -199,7 +202,8 @@ class DraftRecipe:
             "train": asdict(cfg), "epochs": cfg.epochs, "lr": cfg.lr, "cls_weight": cfg.cls_weight,
             "sequences": len(train), "answer_tokens": answers, "steps": len(logs),
             "final_train": last, "history": history, "val_by_epoch": val_log,
-            "draft_vocab_coverage": coverage(counts, vocab),
+            # over the ids the head drafts: the new vocabulary, or the one kept from --init
+            "draft_vocab_coverage": coverage(counts, head.draft_vocab.cpu() if head.draft_vocab is not None else None),
             "command": "leanlm spec train-draft " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])}
         dtype = torch.float16 if self.save_fp16 else None
         if self.arch == "eagle3":
