@@ -161,6 +161,11 @@ def test_conversation_features_are_teacher_forced_and_resumable(tmp_path):
     more = seqs + [(list(range(6)), [True] * 6)]  # a longer list of the same source adds a shard only
     build_conversation_cache(target, more, folder, "test", shard_size=2, progress=False)
     assert [d[0].tolist() for d in load_feature_cache(folder)] == [s[0] for s in more]
+    from leanlm.speculative.draft_recipe import DraftRecipe
+
+    for n in (3, 6):  # training on the first n conversations of a cache that holds more reads those n only
+        recipe = DraftRecipe("tiny", str(tmp_path / "head"), prompts=0, sharegpt=n, sharegpt_data=str(folder))
+        assert [d[0].tolist() for d in recipe.load_data()[0]] == [s[0] for s in more[:n]]
     with pytest.raises(LeanLMError, match="holds other sequences"):
         build_conversation_cache(target, seqs[::-1], folder, "test", shard_size=2, progress=False)
     with pytest.raises(LeanLMError, match="other sequences or settings"):

@@ -16,6 +16,8 @@ vocabulary, training, and the saved head with what it was trained on. `leanlm sp
 
 from __future__ import annotations
 
+import json
+
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -135,7 +137,11 @@ class DraftRecipe:
         """(training sequences, held-out sequences or None) from the caches."""
         data = load_feature_cache(self.answers_dir) if self.prompts and self.answers_dir.exists() else []
         if self.sharegpt and self.sharegpt_dir.exists():
-            data += load_feature_cache(self.sharegpt_dir)
+            # the first --sharegpt conversations: a cache grown for more (same split, same order) holds them first
+            meta = self.sharegpt_dir / "meta.json"
+            size = json.loads(meta.read_text()).get("shard_size") if meta.exists() else None
+            shards = -(-self.sharegpt // size) if size else None  # read no shard past them
+            data += load_feature_cache(self.sharegpt_dir, shards)[: self.sharegpt]
         held_dir = self.sharegpt_dir / "held-out"
         if self.sharegpt and self.val_sharegpt and held_dir.exists():
             return data, load_feature_cache(held_dir)
