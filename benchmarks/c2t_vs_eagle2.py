@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verify seconds by tree size: { {n: round(s * 1000, 1) for n, s in vs.items()} } ms; one draft "
               f"layer {ds * 1000:.1f} ms; step overhead {over['tree'] * 1000:.1f} ms -> cost-aware beta {beta}")
         strategies[f"c2t cost-aware beta={beta}"] = C2T(clf, beta=beta, top_k=k, max_depth=depth, second_topk=k)
-        e2, _ = cost_aware_eagle2(rows, vs, ds, overhead_seconds=over["tree"])  # EAGLE-2 sized by the same cost model (total_tokens and depth)
+        # EAGLE-2 sized by the same cost model (total_tokens and depth)
+        e2, _ = cost_aware_eagle2(rows, vs, ds, overhead_seconds=over["tree"])
         costs["eagle2"] = {key: e2[key] for key in ("total_tokens", "depth", "tau", "nodes", "tokens_per_second")}
         print(f"cost-aware EAGLE-2: total_tokens {e2['total_tokens']}, depth {e2['depth']}")
         strategies[f"eagle2 cost-aware N={e2['total_tokens']} depth={e2['depth']}"] = Eagle2(

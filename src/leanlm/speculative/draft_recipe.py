@@ -17,7 +17,6 @@ vocabulary, training, and the saved head with what it was trained on. `leanlm sp
 from __future__ import annotations
 
 import json
-
 import sys
 import time
 from dataclasses import asdict, dataclass
