@@ -111,12 +111,14 @@ def _speculative_step(n_prompts: int, max_new_tokens: int) -> dict:
     head_dir, clf_dir = committed
     model, tokenizer = load_model_and_tokenizer("smollm2")
     head, meta = EagleDraftHead.load(head_dir, model.config)
-    data = (f"{meta['sharegpt']:,} ShareGPT conversations" if meta.get("sharegpt") else "the target's own replies")
+    data = ("ShareGPT conversations" if meta.get("sharegpt") else "the target's own replies")
+    runs = len(meta.get("history", [])) + 1  # a head continued with --init keeps its earlier runs in "history"
     vocab = (f", drafting over the {len(head.draft_vocab):,} most frequent answer ids"
              if head.draft_vocab is not None else "")
     print(f"target SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters); "
-          f"draft head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters ({head_dir.name}) trained on "
-          f"{meta.get('answer_tokens', 0):,} answer tokens of {data}{vocab}")
+          f"draft head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters ({head_dir.name}) trained in "
+          f"{runs} run{'s' if runs > 1 else ''}, the last on {meta.get('answer_tokens', 0):,} answer tokens of {data}"
+          f"{vocab}")
     classifier = C2TClassifier.load(clf_dir)[0]
     strategies = {"eagle2": Eagle2(), "c2t": C2T(classifier)}
     trees = clf_dir / "trees.safetensors"  # the collected trees the classifier was trained on (compact form)
