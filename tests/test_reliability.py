@@ -495,3 +495,33 @@ def test_committed_assets_verify(tmp_path):
 
     for folder in sorted(p for p in (ROOT / "assets").iterdir() if p.is_dir()):
         assert verify_manifest(folder), f"{folder} has no manifest.json"
+
+
+def test_loaded_heads_do_not_read_their_files_after_loading(tmp_path):
+    """A draft head (with its reduced vocabulary) and a C2T classifier hold no tensor that still reads the file: a
+    `spec bench` of 137 prompts died of SIGBUS when the head's folder was overwritten in place by `cp` while it ran
+    (its `draft_vocab` buffer was the memory-mapped file). Run in a child process, since SIGBUS kills it."""
+    script = """
+import sys, torch
+from pathlib import Path
+from leanlm.config import LeanLMConfig
+from leanlm.speculative.c2t import C2TClassifier
+from leanlm.speculative.draft import EagleDraftHead, head_config
+from leanlm.speculative.heads import load_head
+
+out = Path(sys.argv[1])
+target = LeanLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64)
+EagleDraftHead(head_config(target), torch.arange(0, 64, 2)).save(out / "head")
+C2TClassifier().save(out / "clf")
+head, _ = load_head(out / "head", target)
+clf, _ = C2TClassifier.load(out / "clf")
+for f in (out / "head" / "model.safetensors", out / "clf" / "model.safetensors"):
+    open(f, "w").close()  # what `cp` over the folder does first: truncate in place
+total = sum(float(t.detach().double().sum()) for m in (head, clf) for t in list(m.parameters()) + list(m.buffers()))
+print("read", len(list(head.buffers())), "buffers", total)
+"""
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                       env=dict(os.environ), timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # -7 (SIGBUS) before the fix
+    assert r.stdout.startswith("read 2 buffers")  # draft_vocab and target_to_draft were read

@@ -131,10 +131,14 @@ def read_json_object(path: Path, what: str, fix: str, required: tuple[str, ...] 
 
 
 def load_tensors(path: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
-    """`safetensors.torch.load_file` with a truncated or garbage file reported as one CheckpointError."""
+    """`safetensors.torch.load_file` with a truncated or garbage file reported as one CheckpointError.
+
+    The tensors are copied out of the file: `load_file` maps it into memory, and a tensor kept as it is (a buffer
+    such as a draft head's `draft_vocab`) would still read the file's pages, so a process decoding with it died of
+    SIGBUS when the file was overwritten in place (`cp` over the folder) while it ran."""
 
     try:
-        return load_file(str(path))
+        return {k: v.clone() for k, v in load_file(str(path)).items()}
     except FileNotFoundError:
         raise CheckpointError(f"{what} {path} does not exist. Fix: {fix}") from None
     except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean the file is unusable
