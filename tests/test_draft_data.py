@@ -345,7 +345,7 @@ def test_step_overhead_finds_work_outside_the_modelled_forwards(monkeypatch):
     assert over["tree"] >= 0.02 > over["plain"] >= 0.0
 
 
-def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
+def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys, monkeypatch):
     from leanlm.cli import main
     from leanlm.runconfig import build_run_config
     from leanlm.speculative.c2t_train import save_rows
@@ -376,6 +376,20 @@ def test_spec_bench_sizes_trees_for_this_machine(tiny_config, tmp_path, capsys):
     from leanlm.speculative.bench import strategies_for_sizes
 
     assert strategies_for_sizes(result["sizes"])["eagle2:auto"].describe() == auto[0]["describe"]  # from the JSON
+
+    from leanlm.speculative import bench
+
+    def measured_again(*a, **k):
+        raise AssertionError("a resumed run re-measured the tree sizes")
+
+    monkeypatch.setattr(bench, "sized_strategies", measured_again)
+    assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--prompts", "mtbench", "--limit", "2",
+                 "--max-new-tokens", "6", "--strategies", "chain", "--size-from", str(tmp_path / "trees.safetensors"),
+                 "--out", str(out)]) == 0  # resumed: one more prompt, decoded with the first start's sizes
+    assert "tree sizes from the first start" in capsys.readouterr().out
+    again = json.loads(out.read_text())
+    assert again["sizes"] == result["sizes"] and again["resumed_prompts"] == 1
+    assert [r["n"] for r in again["rows"] if r["strategy"] == "eagle2:auto"] == [2]
     assert main(["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--size-from",
                  str(tmp_path / "none.safetensors")]) == 2  # refused before any model is loaded
 

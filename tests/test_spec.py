@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from leanlm.config import LeanLMConfig
+from leanlm.errors import LeanLMError
 from leanlm.model import LeanLMForCausalLM
 from leanlm.speculative import Chain, Eagle2, SpeculativeDecoder, StaticTree, TokenTree, plain_generate
 from leanlm.speculative.draft import EagleDraftHead, ModelDrafter, head_config
@@ -380,3 +381,66 @@ def test_answers_with_features_equal_greedy_and_teacher_forcing(tmp_path):
     assert len(load_feature_cache(folder)) == 4
     with pytest.raises(LeanLMError, match="other settings"):
         build_feature_cache(target, _Tok(eos), prompts, folder, 8, progress=False)
+
+
+def test_spec_bench_writes_each_prompt_as_it_finishes_and_resumes(tiny_config, tmp_path, capsys, monkeypatch):
+    """A killed `spec bench` keeps every prompt it finished (OUT.jsonl); a rerun with the same arguments decodes only
+    the rest (a larger --limit adds prompts), cuts a line torn by the kill, and refuses a journal of other arguments,
+    other head weights, or one another run is writing, before loading anything."""
+    from leanlm.cli import main
+    from leanlm.runconfig import build_run_config
+    from leanlm.speculative import bench
+    from leanlm.train import Trainer
+
+    trainer = Trainer(build_run_config(tiny_config(max_steps=2, ckpt_every=2, eval_every=0)))
+    trainer.fit()
+    ckpt = str(trainer.ckpt_dir / "step-00000002")
+    EagleDraftHead(head_config(trainer.model.config)).save(tmp_path / "head")
+    out, journal = tmp_path / "bench.json", tmp_path / "bench.jsonl"
+    args = ["spec", "bench", ckpt, "--draft", str(tmp_path / "head"), "--prompts", "mtbench", "--max-new-tokens", "6",
+            "--strategies", "chain,eagle2:total_tokens=8:depth=3:top_k=3", "--out", str(out)]
+    decoded = []
+    real = bench.bench_prompt
+    monkeypatch.setattr(bench, "bench_prompt", lambda *a, **k: decoded.append(a[4]) or real(*a, **k))
+    assert main(args + ["--limit", "2"]) == 0
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3 and len(decoded) == 2  # the header, then one record per prompt
+    first = [json.loads(x) for x in lines[1:]]
+    assert [r["index"] for r in first] == [0, 1] and all(r["strategies"]["chain"]["identical"] for r in first)
+
+    journal.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:40])  # killed while writing prompt 1
+    decoded.clear()
+    assert main(args + ["--limit", "3"]) == 0
+    assert "resuming" in capsys.readouterr().out and len(decoded) == 2  # prompts 1 and 2, not 0
+    records = [json.loads(x) for x in journal.read_text().splitlines()[1:]]  # every line parses: the torn one is gone
+    assert [r["index"] for r in records] == [0, 1, 2] and records[0] == first[0]  # prompt 0 kept, not re-decoded
+    rows = json.loads(out.read_text())
+    assert rows["resumed_prompts"] == 1
+    chain = next(r for r in rows["rows"] if r["strategy"] == "chain")
+    assert chain["n"] == 3 and chain["identical_outputs"] == 3
+    s = chain["candidates_per_step"] * sum(r["strategies"]["chain"]["steps"] for r in records)
+    assert s == pytest.approx(sum(r["strategies"]["chain"]["candidates"] for r in records))  # summed over all three
+
+    before = journal.read_bytes()
+    decoded.clear()
+    assert main(args[:-2] + ["--max-new-tokens", "5", "--out", str(out)]) == 2  # other arguments
+    assert "max_new_tokens" in capsys.readouterr().err
+    EagleDraftHead(head_config(trainer.model.config)).save(tmp_path / "head")  # other weights, same folder name
+    assert main(args + ["--limit", "3"]) == 2
+    assert "draft_weights" in capsys.readouterr().err and journal.read_bytes() == before and not decoded
+
+
+def test_bench_journal_is_locked_while_a_run_appends(tmp_path):
+    from leanlm.speculative.bench import BenchJournal
+
+    holder = BenchJournal(tmp_path / "b.jsonl", {"a": 1})
+    holder.start(None)
+    with pytest.raises(LeanLMError, match="another spec bench"):
+        BenchJournal(tmp_path / "b.jsonl", {"a": 1}).lock()
+    holder.close()
+    again = BenchJournal(tmp_path / "b.jsonl", {"a": 1})
+    again.lock()  # released on close
+    again.close()
+    (tmp_path / "b.jsonl").write_text('{"signature": {"a": 1}}\n[1, 2]\n{"x": 1}\n')
+    with pytest.raises(LeanLMError, match="damaged line 2"):
+        BenchJournal(tmp_path / "b.jsonl", {"a": 1})

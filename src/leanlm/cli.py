@@ -152,6 +152,7 @@ def cmd_spec_train_draft(args: argparse.Namespace) -> int:
 def cmd_spec_bench(args: argparse.Namespace) -> int:
     """Speculative decoding vs plain decoding on held-out prompt sets (table, JSON, plot)."""
     from leanlm.inference import check_fits_context, checked_device, load_model_and_tokenizer
+    from leanlm.checkpoint import atomic_write_text
     from leanlm.speculative.bench import markdown, run_bench
     from leanlm.speculative.heads import load_head
     from leanlm.speculative.eval_sets import EVAL_SETS, load_eval_prompts
@@ -170,11 +171,20 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         raise LeanLMError(f"--strategies: {e}. Fix: e.g. --strategies chain,eagle2:total_tokens=30,c2t:beta=0.5")
     from leanlm.speculative.prompts import encode_chat
 
-    trees, chosen = None, None
+    trees, chosen, journal = None, None, None
     if args.size_from:
         from leanlm.speculative.c2t_train import load_rows
 
         trees, _ = load_rows(args.size_from)  # checked before any model is loaded
+    if args.out:  # per-prompt records, appended as prompts finish; a rerun with the same arguments resumes
+        from leanlm.speculative.bench import BenchJournal, weights_digest
+
+        signature = {k: getattr(args, k) for k in ("target", "draft", "strategies", "classifier", "size_from",
+                                                    "max_new_tokens", "compile", "device")}
+        signature |= {"draft_weights": weights_digest(args.draft), "classifier_weights": weights_digest(
+            args.classifier), "target_weights": weights_digest(args.target)}
+        journal = BenchJournal(Path(args.out).with_suffix(".jsonl"), signature)  # another run's file: refused
+        journal.lock()
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
     head, _ = load_head(args.draft, model.config)
     head.to(model.device)
@@ -186,7 +196,14 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         from leanlm.speculative.c2t import C2TClassifier
 
         clf = C2TClassifier.load(args.classifier)[0] if args.classifier else None
-        auto, chosen = sized_strategies(target, head, trees, clf)
+        if journal is not None and journal.sizes is not None:  # a resumed run decodes with the first start's sizes
+            from leanlm.speculative.bench import strategies_for_sizes
+
+            chosen = journal.sizes
+            auto = strategies_for_sizes(chosen, clf)
+            print(f"tree sizes from the first start of this run ({journal.path}):")
+        else:
+            auto, chosen = sized_strategies(target, head, trees, clf)
         strategies.update(auto)
         print(describe_sizes(chosen))
     prompt_sets = {s: load_eval_prompts(s, args.limit) for s in sets}
@@ -194,15 +211,26 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
         for i, prompt in enumerate(prompts):
             check_fits_context(model, len(encode_chat(tokenizer, prompt)), args.max_new_tokens,
                                f"prompt {i} of {name}")
-    rows = run_bench(target, tokenizer, head, strategies, prompt_sets, args.max_new_tokens)
+    resumed = 0
+    if journal is not None:
+        journal.start(chosen)
+        resumed = sum(journal.done(n, i, p) is not None for n, ps in prompt_sets.items() for i, p in enumerate(ps))
+        if resumed:
+            print(f"resuming {journal.path}: {resumed} of {sum(map(len, prompt_sets.values()))} prompts already "
+                  f"decoded")
+    try:
+        rows = run_bench(target, tokenizer, head, strategies, prompt_sets, args.max_new_tokens, journal=journal)
+    finally:
+        if journal is not None:
+            journal.close()
     table = markdown(rows)
     print(table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"args": vars(args) | {"func": None}, "rows": rows, "sizes": chosen}, indent=1,
-                                  default=str))
-        out.with_suffix(".md").write_text(table + "\n")
+        atomic_write_text(out, json.dumps({"args": vars(args) | {"func": None}, "rows": rows, "sizes": chosen,
+                                           "resumed_prompts": resumed}, indent=1, default=str))
+        atomic_write_text(out.with_suffix(".md"), table + "\n")
         from leanlm.plots import bar_chart
 
         bar_chart(out.with_suffix(".png"), rows)
@@ -496,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "costs and add eagle2:auto (total_tokens/depth) and, with --classifier, c2t:auto (beta) sized "
                     "for it; the chosen sizes are printed")
     sb.add_argument("--max-new-tokens", type=positive_int, default=128)
-    sb.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it)")
+    sb.add_argument("--out", default=None, help="JSON path (a .md table and a .png plot are written beside it); "
+                    "each prompt's record is appended to OUT.jsonl as it finishes, and a rerun with the same "
+                    "arguments resumes where a stopped run left off (a larger --limit adds prompts)")
     sb.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     sb.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                     help="torch.compile the decoding steps: auto (on with a GPU), on, off; on a CPU a graph takes about a minute "

@@ -9,9 +9,17 @@ speed-up over plain decoding (ratio of total decode times over the same prompts)
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
+from leanlm.checkpoint import sha256_file
+from leanlm.errors import LeanLMError
 from leanlm.speculative.c2t import C2T
 from leanlm.speculative.c2t_train import cost_aware_beta
 from leanlm.speculative.cost import cost_aware_eagle2, draft_layer_seconds, step_overhead_seconds, verify_seconds
@@ -21,50 +29,181 @@ from leanlm.speculative.target import make_target
 from leanlm.speculative.tree import Eagle2, TreeStrategy
 
 
+def bench_prompt(target, tokenizer, head, strategies: dict[str, TreeStrategy], prompt: str, max_new_tokens: int,
+                 capacity: int) -> dict:
+    """One prompt decoded plainly, then with each strategy, greedy: a JSON-able record of the plain answer (token
+    ids) and seconds, and per strategy its steps, accepted and verified tokens, draft and verify seconds, tokens and
+    whether its output equals the plain answer."""
+    ids = torch.tensor([encode_chat(tokenizer, prompt)])  # [1, T]
+    ref, secs = plain_generate(target, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, capacity=capacity)
+    record = {"answer": ref, "plain_seconds": secs, "strategies": {}}
+    for name, strategy in strategies.items():
+        out, st = SpeculativeDecoder(target, head, strategy, capacity=capacity).generate(
+            ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        record["strategies"][name] = {"steps": st.steps, "accepted": st.accepted, "candidates": st.candidates,
+                                      "draft": st.draft_seconds, "verify": st.verify_seconds, "tokens": len(out) - 1,
+                                      "identical": out == ref}
+    return record
+
+
+def summarize(set_name: str, records: list[dict], strategies: dict[str, TreeStrategy]) -> list[dict]:
+    """The table rows of one prompt set from its per-prompt records: plain decoding as strategy "none", then one row
+    per strategy. The first token comes from the prompt's forward in both, so it is not counted; the speed-up is the
+    ratio of total decode seconds over the same prompts, scaled by the tokens each produced."""
+    plain_s = sum(r["plain_seconds"] for r in records)
+    plain_tokens = sum(len(r["answer"]) - 1 for r in records)
+    rows = [{"prompts": set_name, "strategy": "none", "n": len(records), "tokens_per_s": plain_tokens / plain_s,
+             "speedup": 1.0}]
+    for name, strategy in strategies.items():
+        a = {k: sum(r["strategies"][name][k] for r in records)
+             for k in ("steps", "accepted", "candidates", "draft", "verify", "tokens", "identical")}
+        s, seconds = max(1, a["steps"]), a["draft"] + a["verify"]
+        rows.append({"prompts": set_name, "strategy": name, "n": len(records), "tau": a["accepted"] / s,
+                     "candidates_per_step": a["candidates"] / s, "draft_ms_per_step": 1000 * a["draft"] / s,
+                     "verify_ms_per_step": 1000 * a["verify"] / s, "tokens_per_s": a["tokens"] / seconds,
+                     "speedup": plain_s / seconds * a["tokens"] / max(1, plain_tokens),
+                     "identical_outputs": int(a["identical"]), "describe": strategy.describe()})
+    return rows
+
+
+class BenchJournal:
+    """`spec bench`'s per-prompt records as JSON lines (`<out>.jsonl`), appended and flushed to disk as each prompt
+    finishes, so a run that is stopped or killed loses at most the prompt it was on, and a rerun with the same
+    arguments resumes from there (also with a larger --limit, or more prompt sets: what is done is kept).
+
+    The first line holds the run's `signature` (the arguments that decide what a record means: target, draft,
+    strategies, tokens, backend...) and the tree sizes chosen at the first start, which a resumed run reuses rather
+    than measures again. A journal with another signature is refused (one `LeanLMError`, before any model loads),
+    so records of different runs never mix; the file is locked while a run appends to it. Written by hand: a few
+    lines of JSON and `fcntl.flock`, as in `leanlm.lock`."""
+
+    def __init__(self, path: str | Path, signature: dict):
+        self.path, self.signature = Path(path), signature
+        self.header: dict | None = None
+        self.records: dict[tuple[str, int], dict] = {}
+        self._fd = None
+        self._load(truncate=False)  # the signature is checked before any work; a torn line is cut once locked
+
+    def _load(self, truncate: bool) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        *lines, torn = data.split(b"\n")  # `torn`: what follows the last newline, a line cut by a kill mid-write
+        for i, line in enumerate(lines):
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError
+            except ValueError:
+                raise LeanLMError(f"--out: {self.path} has a damaged line {i + 1}. Fix: pass another --out (this "
+                                  f"file is left as it is)") from None
+            if i == 0:
+                stored = obj.get("signature") or {}
+                if stored != self.signature:
+                    diff = sorted(k for k in set(self.signature) | set(stored)
+                                  if self.signature.get(k) != stored.get(k))
+                    raise LeanLMError(f"--out: {self.path} holds prompts of a spec bench with other arguments "
+                                      f"({', '.join(diff)}). Fix: pass the same arguments to resume it, or another "
+                                      f"--out")
+                self.header = obj
+            else:
+                self.records[(obj["prompts"], obj["index"])] = obj
+        if torn and truncate:
+            os.truncate(self.path, len(data) - len(torn))
+
+    @property
+    def sizes(self) -> dict | None:
+        """The tree sizes stored at the first start (None: none were chosen, or nothing was written yet)."""
+        return None if self.header is None else self.header.get("sizes")
+
+    def lock(self) -> None:
+        """Lock the file for appending (one `LeanLMError` if another run holds it) and read it again, now that no
+        other run can be appending; a line cut by a kill mid-write is cut off."""
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = open(self.path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fd.close()
+            self._fd = None
+            raise LeanLMError(f"--out: {self.path} is being written by another spec bench. Fix: wait for it to "
+                              f"finish, or pass another --out") from None
+        self.records.clear()
+        self._load(truncate=True)
+
+    def start(self, sizes: dict | None = None) -> None:
+        """Lock the file (`lock`) and, on a first start, write the header line with the chosen tree `sizes`."""
+        self.lock()
+        if self.header is None:
+            self.header = {"signature": self.signature, "sizes": sizes}
+            self._append(self.header)
+
+    def done(self, set_name: str, index: int, prompt: str) -> dict | None:
+        """The stored record of prompt `index` of `set_name`, if it was decoded (and is still the same prompt)."""
+        r = self.records.get((set_name, index))
+        return r if r is not None and r["sha"] == prompt_sha(prompt) else None
+
+    def add(self, set_name: str, index: int, prompt: str, record: dict) -> None:
+        if self.header is None or self._fd is None:
+            raise RuntimeError("BenchJournal.add before start()")
+        record = {"prompts": set_name, "index": index, "sha": prompt_sha(prompt)} | record
+        self.records[(set_name, index)] = record
+        self._append(record)
+
+    def _append(self, obj: dict) -> None:
+        self._fd.write(json.dumps(obj) + "\n")
+        self._fd.flush()
+        os.fsync(self._fd.fileno())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._fd.close()  # closing releases the lock
+            self._fd = None
+
+
+def prompt_sha(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def weights_digest(folder: str | Path | None) -> str | None:
+    """A short digest of the `.safetensors` files of a folder (a draft head, a classifier), so a journal resumed
+    after the folder was replaced by other weights under the same name is refused; None for no folder or a name
+    that is not one (a target alias such as "smollm2")."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
 def run_bench(model, tokenizer, head, strategies: dict[str, TreeStrategy], prompt_sets: dict[str, list[str]],
               max_new_tokens: int, progress: bool = True,
-              answers: dict[str, list[list[int]]] | None = None, compile: bool | str = False) -> list[dict]:
+              answers: dict[str, list[list[int]]] | None = None, compile: bool | str = False,
+              journal: BenchJournal | None = None) -> list[dict]:
     """One row per prompt set and strategy (plain decoding as strategy "none"); `answers`, when given, receives the
     plain greedy answer (token ids) of every prompt, per set. Plain and speculative decoding share one target
-    (`compile`: see `leanlm.speculative.target`) and one cache size, so compiled graphs are made once per width."""
+    (`compile`: see `leanlm.speculative.target`) and one cache size, so compiled graphs are made once per width.
+    With a `journal` (started), prompts it holds are not decoded again and every new one is appended to it as it
+    finishes."""
     target = make_target(model, compile)
     widest = max([s.node_bound() or 256 for s in strategies.values()] + [1])
     longest = max(len(encode_chat(tokenizer, p)) for ps in prompt_sets.values() for p in ps)
     capacity = cache_capacity(longest, max_new_tokens, widest)
     rows = []
     for set_name, prompts in prompt_sets.items():
-        plain_s, plain_tokens = 0.0, 0
-        acc = {k: {"steps": 0, "accepted": 0, "candidates": 0, "draft": 0.0, "verify": 0.0, "seconds": 0.0,
-                   "tokens": 0, "identical": 0} for k in strategies}
-        for prompt in tqdm(prompts, desc=set_name, disable=not progress, leave=False):
-            ids = torch.tensor([encode_chat(tokenizer, prompt)])
-            ref, secs = plain_generate(target, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                       capacity=capacity)
-            if answers is not None:
-                answers.setdefault(set_name, []).append(ref)
-            plain_s += secs
-            plain_tokens += len(ref) - 1  # the first token comes from the prompt's forward in both
-            for name, strategy in strategies.items():
-                out, st = SpeculativeDecoder(target, head, strategy, capacity=capacity).generate(
-                    ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-                a = acc[name]
-                a["identical"] += out == ref
-                a["steps"] += st.steps
-                a["accepted"] += st.accepted
-                a["candidates"] += st.candidates
-                a["draft"] += st.draft_seconds
-                a["verify"] += st.verify_seconds
-                a["seconds"] += st.draft_seconds + st.verify_seconds
-                a["tokens"] += len(out) - 1
-        rows.append({"prompts": set_name, "strategy": "none", "n": len(prompts), "tokens_per_s": plain_tokens / plain_s,
-                     "speedup": 1.0})
-        for name, a in acc.items():
-            s = max(1, a["steps"])
-            rows.append({"prompts": set_name, "strategy": name, "n": len(prompts), "tau": a["accepted"] / s,
-                         "candidates_per_step": a["candidates"] / s, "draft_ms_per_step": 1000 * a["draft"] / s,
-                         "verify_ms_per_step": 1000 * a["verify"] / s, "tokens_per_s": a["tokens"] / a["seconds"],
-                         "speedup": plain_s / a["seconds"] * a["tokens"] / max(1, plain_tokens),
-                         "identical_outputs": a["identical"], "describe": strategies[name].describe()})
+        records = [journal.done(set_name, i, p) if journal is not None else None for i, p in enumerate(prompts)]
+        todo = [i for i, r in enumerate(records) if r is None]
+        for i in tqdm(todo, desc=set_name, disable=not progress, leave=False, initial=len(prompts) - len(todo),
+                      total=len(prompts)):
+            records[i] = bench_prompt(target, tokenizer, head, strategies, prompts[i], max_new_tokens, capacity)
+            if journal is not None:
+                journal.add(set_name, i, prompts[i], records[i])
+        if answers is not None:
+            answers.setdefault(set_name, []).extend(r["answer"] for r in records)
+        rows += summarize(set_name, records, strategies)
     return rows
 
 
