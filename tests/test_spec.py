@@ -418,6 +418,7 @@ def test_spec_bench_writes_each_prompt_as_it_finishes_and_resumes(tiny_config, t
     assert rows["resumed_prompts"] == 1
     chain = next(r for r in rows["rows"] if r["strategy"] == "chain")
     assert chain["n"] == 3 and chain["identical_outputs"] == 3
+    assert chain["tau_ci95"][0] <= chain["tau"] <= chain["tau_ci95"][1]  # over the three prompts' records
     s = chain["candidates_per_step"] * sum(r["strategies"]["chain"]["steps"] for r in records)
     assert s == pytest.approx(sum(r["strategies"]["chain"]["candidates"] for r in records))  # summed over all three
 
@@ -444,3 +445,18 @@ def test_bench_journal_is_locked_while_a_run_appends(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"signature": {"a": 1}}\n[1, 2]\n{"x": 1}\n')
     with pytest.raises(LeanLMError, match="damaged line 2"):
         BenchJournal(tmp_path / "b.jsonl", {"a": 1})
+
+
+def test_tau_interval_is_a_bootstrap_over_prompts():
+    from leanlm.speculative.bench import tau_interval
+
+    steps = torch.tensor([10.0, 20.0, 10.0, 40.0])
+    same = tau_interval(steps * 1.5, steps)  # every prompt at τ 1.5: no spread
+    assert same == pytest.approx([1.5, 1.5])
+    accepted = torch.tensor([2.0, 30.0, 15.0, 20.0])  # per-prompt τ 0.2, 1.5, 1.5, 0.5; pooled 67/80
+    lo, hi = tau_interval(accepted, steps)
+    assert 0.2 <= lo < 67 / 80 < hi <= 1.5 and tau_interval(accepted, steps) == [lo, hi]  # seeded
+    wide = tau_interval(accepted, steps)
+    narrow = tau_interval(accepted.repeat(25), steps.repeat(25))  # the same spread over 25x the prompts
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 2
+    assert tau_interval(torch.tensor([3.0]), torch.tensor([4.0])) == [0.75, 0.75]

@@ -58,12 +58,31 @@ def summarize(set_name: str, records: list[dict], strategies: dict[str, TreeStra
         a = {k: sum(r["strategies"][name][k] for r in records)
              for k in ("steps", "accepted", "candidates", "draft", "verify", "tokens", "identical")}
         s, seconds = max(1, a["steps"]), a["draft"] + a["verify"]
+        steps = torch.tensor([float(r["strategies"][name]["steps"]) for r in records])  # [P]
+        accepted = torch.tensor([float(r["strategies"][name]["accepted"]) for r in records])  # [P]
         rows.append({"prompts": set_name, "strategy": name, "n": len(records), "tau": a["accepted"] / s,
+                     "tau_ci95": tau_interval(accepted, steps),
                      "candidates_per_step": a["candidates"] / s, "draft_ms_per_step": 1000 * a["draft"] / s,
                      "verify_ms_per_step": 1000 * a["verify"] / s, "tokens_per_s": a["tokens"] / seconds,
                      "speedup": plain_s / seconds * a["tokens"] / max(1, plain_tokens),
                      "identical_outputs": int(a["identical"]), "describe": strategy.describe()})
     return rows
+
+
+def tau_interval(accepted: torch.Tensor, steps: torch.Tensor, resamples: int = 2000,
+                 seed: int = 0) -> list[float]:
+    """A 95% bootstrap interval of τ (accepted draft tokens per step, summed over prompts) from per-prompt counts
+    `accepted`, `steps` [P]: prompts are resampled with replacement (seeded, so a table is reproducible), and τ is
+    the ratio of the sums in each resample. How far τ moves with the choice of prompts: two heads whose intervals
+    overlap on a few dozen prompts are not told apart by that run."""
+    if len(steps) < 2:
+        t = float(accepted.sum() / steps.sum().clamp(min=1))
+        return [t, t]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(steps), (resamples, len(steps)), generator=g)  # [R, P]
+    taus = accepted[pick].sum(1) / steps[pick].sum(1).clamp(min=1)  # [R]
+    lo, hi = torch.quantile(taus.double(), torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
+    return [lo, hi]
 
 
 class BenchJournal:
@@ -226,13 +245,17 @@ def describe_sizes(chosen: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| prompts | strategy | n | τ | τ+1 | candidates/step | draft ms/step | verify ms/step | tok/s | speed-up | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """The rows as a markdown table; τ+1's 95% interval over prompts (`tau_interval`) beside it."""
+    lines = ["| prompts | strategy | n | τ | τ+1 | τ+1 95% CI | candidates/step | draft ms/step | verify ms/step | tok/s "
+             "| speed-up | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["strategy"] == "none":
-            lines.append(f"| {r['prompts']} | none | {r['n']} | | | | | | {r['tokens_per_s']:.1f} | 1.00 | |")
+            lines.append(f"| {r['prompts']} | none | {r['n']} | | | | | | | {r['tokens_per_s']:.1f} | 1.00 | |")
         else:
+            lo, hi = r.get("tau_ci95", (r["tau"], r["tau"]))
             lines.append(f"| {r['prompts']} | {r['describe']} | {r['n']} | {r['tau']:.2f} | {r['tau'] + 1:.2f} | "
+                         f"{lo + 1:.2f}-{hi + 1:.2f} | "
                          f"{r['candidates_per_step']:.1f} | {r['draft_ms_per_step']:.1f} | "
                          f"{r['verify_ms_per_step']:.1f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
                          f"{r['identical_outputs']}/{r['n']} |")
