@@ -460,3 +460,22 @@ def test_tau_interval_is_a_bootstrap_over_prompts():
     narrow = tau_interval(accepted.repeat(25), steps.repeat(25))  # the same spread over 25x the prompts
     assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 2
     assert tau_interval(torch.tensor([3.0]), torch.tensor([4.0])) == [0.75, 0.75]
+
+
+def test_paired_tau_difference_matches_prompts_and_cancels_their_spread():
+    from leanlm.speculative.bench import paired_tau_difference
+
+    def rec(i, steps, accepted, name="eagle2"):
+        return {"prompts": "mtbench", "index": i, "sha": f"s{i}",
+                "strategies": {name: {"steps": steps, "accepted": accepted}}}
+
+    steps = [10, 40, 10, 30, 20, 10]
+    easy_hard = [1, 36, 2, 27, 4, 9]  # prompts differ a lot; the second head accepts one more token on each
+    a = [rec(i, s, x) for i, (s, x) in enumerate(zip(steps, easy_hard))]
+    b = [rec(i, s, x + 1, "c2t") for i, (s, x) in enumerate(zip(steps, easy_hard))][::-1] + [rec(9, 5, 5, "c2t")]
+    d = paired_tau_difference(a, b, "eagle2", "c2t")
+    assert d["n"] == 6 and d["diff"] == pytest.approx(6 / 120)  # prompt 9 is in one run only
+    lo, hi = d["diff_ci95"]
+    assert 0 < lo <= d["diff"] <= hi < 0.1  # paired: the interval excludes 0 although per-prompt τ spans 0.1-0.9
+    with pytest.raises(LeanLMError, match="share no prompt"):
+        paired_tau_difference(a, [rec(9, 5, 5)], "eagle2")

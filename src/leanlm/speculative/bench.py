@@ -85,6 +85,39 @@ def tau_interval(accepted: torch.Tensor, steps: torch.Tensor, resamples: int = 2
     return [lo, hi]
 
 
+def paired_tau_difference(records_a: list[dict], records_b: list[dict], strategy_a: str, strategy_b: str | None = None,
+                          resamples: int = 2000, seed: int = 0) -> dict:
+    """τ of `strategy_b` in `records_b` minus τ of `strategy_a` in `records_a`, over the prompts both decoded (matched
+    by set, index and prompt digest, as `BenchJournal` stores them), with a 95% paired bootstrap interval: the same
+    resampled prompts for both sides, so the spread from the choice of prompts that both share cancels (two heads on
+    the same questions; one head with two tree shapes). Returns n, tau_a, tau_b, diff and diff_ci95."""
+    strategy_b = strategy_b or strategy_a
+    key = lambda r: (r["prompts"], r["index"], r["sha"])  # noqa: E731
+    b_by = {key(r): r for r in records_b}
+    pairs = [(r, b_by[key(r)]) for r in records_a if key(r) in b_by]
+    if not pairs:
+        raise LeanLMError("the two runs share no prompt. Fix: compare journals of the same --prompts sets")
+    acc = torch.tensor([[float(a["strategies"][strategy_a]["accepted"]), float(b["strategies"][strategy_b]["accepted"])]
+                        for a, b in pairs])  # [P, 2]
+    steps = torch.tensor([[float(a["strategies"][strategy_a]["steps"]), float(b["strategies"][strategy_b]["steps"])]
+                          for a, b in pairs])  # [P, 2]
+    tau = acc.sum(0) / steps.sum(0).clamp(min=1)  # [2]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(pairs), (resamples, len(pairs)), generator=g)  # [R, P]
+    taus = acc[pick].sum(1) / steps[pick].sum(1).clamp(min=1)  # [R, 2]
+    lo, hi = torch.quantile((taus[:, 1] - taus[:, 0]).double(),
+                            torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
+    return {"n": len(pairs), "tau_a": float(tau[0]), "tau_b": float(tau[1]), "diff": float(tau[1] - tau[0]),
+            "diff_ci95": [lo, hi]}
+
+
+def read_journal(path: str | Path) -> list[dict]:
+    """The per-prompt records of a `spec bench` journal (`OUT.jsonl`), without its header; a torn last line is
+    skipped (nothing is written)."""
+    lines = Path(path).read_text().split("\n")[1:-1]  # the header; what follows the last newline
+    return [json.loads(x) for x in lines]
+
+
 class BenchJournal:
     """`spec bench`'s per-prompt records as JSON lines (`<out>.jsonl`), appended and flushed to disk as each prompt
     finishes, so a run that is stopped or killed loses at most the prompt it was on, and a rerun with the same
