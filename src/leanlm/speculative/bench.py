@@ -4,7 +4,12 @@ Prompt sets (`leanlm.speculative.prompts`, never used to train draft heads): `mt
 is decoded plainly and with each strategy back to back (interleaved, so machine noise hits all alike), greedy, and the outputs
 are checked to be identical. Reported per strategy: τ (accepted draft tokens per step, bonus excluded; τ + 1 is
 EAGLE's "accept length"), candidates verified per step, draft and verify milliseconds per step, tokens/s and the
-speed-up over plain decoding (ratio of total decode times over the same prompts).
+speed-up over plain decoding (ratio of total decode times over the same prompts), and τ's 95% interval over prompts
+(`tau_interval`).
+
+Each prompt gives one record (`bench_prompt`); `summarize` turns a set's records into table rows. With a
+`BenchJournal` the records are appended to disk as prompts finish, so a long run resumes after a stop, and two runs
+on the same prompts compare prompt by prompt (`paired_tau_difference`, `benchmarks/compare_runs.py`).
 """
 
 from __future__ import annotations
