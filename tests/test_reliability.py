@@ -525,3 +525,14 @@ print("read", len(list(head.buffers())), "buffers", total)
                        env=dict(os.environ), timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # -7 (SIGBUS) before the fix
     assert r.stdout.startswith("read 2 buffers")  # draft_vocab and target_to_draft were read
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
+    """Files written atomically (results tables, run configs, metrics) are readable as a plain `open()` would leave
+    them under the process umask, not mkstemp's private 0600."""
+    from leanlm.checkpoint import atomic_write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("atomic.txt") == mode("plain.txt") and mode("atomic.txt") & 0o044 == 0o044 & mode("plain.txt")

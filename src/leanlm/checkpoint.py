@@ -35,6 +35,10 @@ MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
+os.umask(_UMASK)
+
+
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Create file `path` by calling `write(tmp)` on a temporary file beside it, syncing it to disk and renaming it
     into place: readers see the old file or the complete new one, never a part. On failure `path` is untouched."""
@@ -44,6 +48,7 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results and run files private to their writer
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
