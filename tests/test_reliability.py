@@ -536,3 +536,11 @@ def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
     atomic_write_text(tmp_path / "atomic.txt", "x")
     mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
     assert mode("atomic.txt") == mode("plain.txt") and mode("atomic.txt") & 0o044 == 0o044 & mode("plain.txt")
+    from leanlm.config import LeanLMConfig
+    from leanlm.speculative.draft import EagleDraftHead, head_config
+
+    (tmp_path / "plain").mkdir()
+    EagleDraftHead(head_config(LeanLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            intermediate_size=64))).save(tmp_path / "head")  # a folder written atomically
+    assert mode("head") == mode("plain")
+    assert {mode(f"head/{f.name}") for f in (tmp_path / "head").iterdir()} == {mode("plain.txt")}

@@ -184,6 +184,8 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None],
         write(tmp)
         if manifest:
             write_manifest(tmp)
+        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp's 0700 (and safetensors' 0600 files) would keep it private
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
         if before_rename is not None:
             before_rename()
         old = None
