@@ -532,8 +532,14 @@ def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
     them under the process umask, not mkstemp's private 0600."""
     from leanlm.checkpoint import atomic_write_text
 
+    from safetensors.torch import save_file
+
+    from leanlm.checkpoint import atomic_write_file
+
     (tmp_path / "plain.txt").write_text("x")
     atomic_write_text(tmp_path / "atomic.txt", "x")
+    atomic_write_file(tmp_path / "t.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
     mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
     assert mode("atomic.txt") == mode("plain.txt") and mode("atomic.txt") & 0o044 == 0o044 & mode("plain.txt")
     from leanlm.config import LeanLMConfig

@@ -48,8 +48,8 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results and run files private to their writer
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's (and safetensors') 0600 would keep the file private to its writer
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
