@@ -74,20 +74,29 @@ def summarize(set_name: str, records: list[dict], strategies: dict[str, TreeStra
     return rows
 
 
+def resampled_taus(accepted: torch.Tensor, steps: torch.Tensor, resamples: int = 2000, seed: int = 0) -> torch.Tensor:
+    """τ (summed accepted tokens over summed steps) of `resamples` bootstrap draws of the prompts: `accepted`,
+    `steps` are per-prompt counts [P] or [P, K] (K runs of the same prompts, resampled together); returns [R] or
+    [R, K]. Seeded, so a table is reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(steps), (resamples, len(steps)), generator=g)  # [R, P]
+    return accepted[pick].sum(1) / steps[pick].sum(1).clamp(min=1)  # [R] or [R, K]
+
+
+def interval95(samples: torch.Tensor) -> list[float]:
+    """The 2.5% and 97.5% quantiles of `samples` [R]."""
+    return torch.quantile(samples.double(), torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
+
+
 def tau_interval(accepted: torch.Tensor, steps: torch.Tensor, resamples: int = 2000,
                  seed: int = 0) -> list[float]:
     """A 95% bootstrap interval of τ (accepted draft tokens per step, summed over prompts) from per-prompt counts
-    `accepted`, `steps` [P]: prompts are resampled with replacement (seeded, so a table is reproducible), and τ is
-    the ratio of the sums in each resample. How far τ moves with the choice of prompts: two heads whose intervals
-    overlap on a few dozen prompts are not told apart by that run."""
+    `accepted`, `steps` [P]: prompts are resampled with replacement (`resampled_taus`). How far τ moves with the
+    choice of prompts: two heads whose intervals overlap on a few dozen prompts are not told apart by that run."""
     if len(steps) < 2:
         t = float(accepted.sum() / steps.sum().clamp(min=1))
         return [t, t]
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randint(len(steps), (resamples, len(steps)), generator=g)  # [R, P]
-    taus = accepted[pick].sum(1) / steps[pick].sum(1).clamp(min=1)  # [R]
-    lo, hi = torch.quantile(taus.double(), torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
-    return [lo, hi]
+    return interval95(resampled_taus(accepted, steps, resamples, seed))
 
 
 def paired_tau_difference(records_a: list[dict], records_b: list[dict], strategy_a: str, strategy_b: str | None = None,
@@ -102,25 +111,20 @@ def paired_tau_difference(records_a: list[dict], records_b: list[dict], strategy
     pairs = [(r, b_by[key(r)]) for r in records_a if key(r) in b_by]
     if not pairs:
         raise LeanLMError("the two runs share no prompt. Fix: compare journals of the same --prompts sets")
-    acc = torch.tensor([[float(a["strategies"][strategy_a]["accepted"]), float(b["strategies"][strategy_b]["accepted"])]
-                        for a, b in pairs])  # [P, 2]
-    steps = torch.tensor([[float(a["strategies"][strategy_a]["steps"]), float(b["strategies"][strategy_b]["steps"])]
-                          for a, b in pairs])  # [P, 2]
+    counts = lambda k: torch.tensor([[float(a["strategies"][strategy_a][k]), float(b["strategies"][strategy_b][k])]  # noqa: E731
+                                     for a, b in pairs])  # [P, 2]
+    acc, steps = counts("accepted"), counts("steps")
     tau = acc.sum(0) / steps.sum(0).clamp(min=1)  # [2]
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randint(len(pairs), (resamples, len(pairs)), generator=g)  # [R, P]
-    taus = acc[pick].sum(1) / steps[pick].sum(1).clamp(min=1)  # [R, 2]
-    lo, hi = torch.quantile((taus[:, 1] - taus[:, 0]).double(),
-                            torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
+    taus = resampled_taus(acc, steps, resamples, seed)  # [R, 2]
     return {"n": len(pairs), "tau_a": float(tau[0]), "tau_b": float(tau[1]), "diff": float(tau[1] - tau[0]),
-            "diff_ci95": [lo, hi]}
+            "diff_ci95": interval95(taus[:, 1] - taus[:, 0])}
 
 
 def read_journal(path: str | Path) -> list[dict]:
-    """The per-prompt records of a `spec bench` journal (`OUT.jsonl`), without its header; a torn last line is
-    skipped (nothing is written)."""
-    lines = Path(path).read_text().split("\n")[1:-1]  # the header; what follows the last newline
-    return [json.loads(x) for x in lines]
+    """The per-prompt records of a `spec bench` journal (`OUT.jsonl`) in file order, read with `BenchJournal`'s
+    own parser under the journal's stored signature (a torn last line is skipped; nothing is written)."""
+    header = json.loads(Path(path).read_text().split("\n", 1)[0])
+    return list(BenchJournal(path, header.get("signature") or {}).records.values())
 
 
 class BenchJournal:
@@ -225,11 +229,15 @@ def prompt_sha(prompt: str) -> str:
 
 
 def weights_digest(folder: str | Path | None) -> str | None:
-    """A short digest of the `.safetensors` files of a folder (a draft head, a classifier), so a journal resumed
-    after the folder was replaced by other weights under the same name is refused; None for no folder or a name
-    that is not one (a target alias such as "smollm2")."""
+    """A short digest of a folder's weights (a draft head, a classifier, a target checkpoint): of its
+    `manifest.json` where it has one, else of its `.safetensors` files; so a journal resumed after the folder was
+    replaced by other weights under the same name is refused. None for no folder or a name that is not one (a
+    target alias such as "smollm2")."""
     if folder is None or not Path(folder).is_dir():
         return None
+    manifest = Path(folder) / "manifest.json"  # sha256 of every file, which loading verifies: no need to hash twice
+    if manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     h = hashlib.sha256()
     for f in sorted(Path(folder).glob("*.safetensors")):
         h.update(f.name.encode() + sha256_file(f).encode())
