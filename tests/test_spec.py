@@ -447,6 +447,29 @@ def test_bench_journal_is_locked_while_a_run_appends(tmp_path):
         BenchJournal(tmp_path / "b.jsonl", {"a": 1})
 
 
+def test_bench_journal_from_before_the_manifest_digest_still_resumes(tmp_path):
+    """Journals written before `weights_digest` read the folder's manifest hold the digest of the weight files; the
+    same weights still resume them, other weights are still refused."""
+    from leanlm.speculative.bench import BenchJournal, weights_digest
+
+    head = tmp_path / "head"
+    EagleDraftHead(head_config(tiny().config)).save(head)
+    old, new = weights_digest(head, legacy=True), weights_digest(head)
+    assert (head / "manifest.json").is_file() and old != new
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps({"signature": {"draft": "head", "draft_weights": old}, "sizes": None}) + "\n"
+                    + json.dumps({"prompts": "mtbench", "index": 0, "sha": "x"}) + "\n")
+    legacy = {"draft_weights": lambda: weights_digest(head, legacy=True)}
+    journal = BenchJournal(path, {"draft": "head", "draft_weights": new}, legacy)
+    assert list(journal.records) == [("mtbench", 0)]
+    with pytest.raises(LeanLMError, match="other arguments \\(draft_weights\\)"):
+        BenchJournal(path, {"draft": "head", "draft_weights": new})  # without the legacy digest: refused
+    EagleDraftHead(head_config(tiny(seed=1).config)).save(head)  # other weights under the same name
+    assert weights_digest(head, legacy=True) != old
+    with pytest.raises(LeanLMError, match="draft_weights"):
+        BenchJournal(path, {"draft": "head", "draft_weights": weights_digest(head)}, legacy)
+
+
 def test_tau_interval_is_a_bootstrap_over_prompts():
     from leanlm.speculative.bench import tau_interval
 

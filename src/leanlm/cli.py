@@ -183,7 +183,9 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
                                                     "max_new_tokens", "compile", "device")}
         signature |= {"draft_weights": weights_digest(args.draft), "classifier_weights": weights_digest(
             args.classifier), "target_weights": weights_digest(args.target)}
-        journal = BenchJournal(Path(args.out).with_suffix(".jsonl"), signature)  # another run's file: refused
+        legacy = {f"{k}_weights": (lambda f=getattr(args, k): weights_digest(f, legacy=True))
+                  for k in ("draft", "classifier", "target")}  # journals from before the manifest digest
+        journal = BenchJournal(Path(args.out).with_suffix(".jsonl"), signature, legacy)  # another run's: refused
         journal.lock()
     model, tokenizer = load_model_and_tokenizer(args.target, device=checked_device(args.device))
     head, _ = load_head(args.draft, model.config)

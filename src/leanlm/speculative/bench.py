@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -138,8 +139,12 @@ class BenchJournal:
     so records of different runs never mix; the file is locked while a run appends to it. Written by hand: a few
     lines of JSON and `fcntl.flock`, as in `leanlm.lock`."""
 
-    def __init__(self, path: str | Path, signature: dict):
+    def __init__(self, path: str | Path, signature: dict, also_accept: dict[str, Callable[[], object]] | None = None):
+        """`also_accept`: for a signature key, a function giving one more value a stored header may hold for it and
+        still mean the same run (called only on a mismatch): the weights digests of journals written before the
+        digest was taken from `manifest.json` (`weights_digest(folder, legacy=True)`)."""
         self.path, self.signature = Path(path), signature
+        self.also_accept = also_accept or {}
         self.header: dict | None = None
         self.records: dict[tuple[str, int], dict] = {}
         self._fd = None
@@ -160,9 +165,10 @@ class BenchJournal:
                                   f"file is left as it is)") from None
             if i == 0:
                 stored = obj.get("signature") or {}
-                if stored != self.signature:
-                    diff = sorted(k for k in set(self.signature) | set(stored)
-                                  if self.signature.get(k) != stored.get(k))
+                diff = sorted(k for k in set(self.signature) | set(stored)
+                              if self.signature.get(k) != stored.get(k)
+                              and not (k in self.also_accept and self.also_accept[k]() == stored.get(k)))
+                if diff:
                     raise LeanLMError(f"--out: {self.path} holds prompts of a spec bench with other arguments "
                                       f"({', '.join(diff)}). Fix: pass the same arguments to resume it, or another "
                                       f"--out")
@@ -228,15 +234,16 @@ def prompt_sha(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-def weights_digest(folder: str | Path | None) -> str | None:
+def weights_digest(folder: str | Path | None, legacy: bool = False) -> str | None:
     """A short digest of a folder's weights (a draft head, a classifier, a target checkpoint): of its
     `manifest.json` where it has one, else of its `.safetensors` files; so a journal resumed after the folder was
     replaced by other weights under the same name is refused. None for no folder or a name that is not one (a
-    target alias such as "smollm2")."""
+    target alias such as "smollm2"). `legacy`: always of the `.safetensors` files, the digest journals written
+    before the manifest was used hold (`BenchJournal`'s `also_accept`), so they still resume."""
     if folder is None or not Path(folder).is_dir():
         return None
     manifest = Path(folder) / "manifest.json"  # sha256 of every file, which loading verifies: no need to hash twice
-    if manifest.is_file():
+    if manifest.is_file() and not legacy:
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     h = hashlib.sha256()
     for f in sorted(Path(folder).glob("*.safetensors")):
