@@ -50,8 +50,8 @@ def main() -> int:
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     widths = [int(w) for w in args.widths.split(",")]
-    cfg_model, tok = load_model_and_tokenizer("smollm2")
-    c = cfg_model.config
+    fp32_model, tok = load_model_and_tokenizer("smollm2")
+    c = fp32_model.config
     layer = [(c.hidden_size, c.hidden_size), (c.num_key_value_heads * c.head_dim, c.hidden_size)] * 2 + [
         (c.intermediate_size, c.hidden_size)] * 2 + [(c.hidden_size, c.intermediate_size)]
     shapes = layer * c.num_hidden_layers + [(c.vocab_size, c.hidden_size)]
@@ -66,7 +66,7 @@ def main() -> int:
         return time.perf_counter() - t
 
     gemm = {k: {n: [] for n in widths[:5]} for k in dtypes}
-    models = {"float32": cfg_model}
+    models = {"float32": fp32_model}
     models["bfloat16"], _ = load_model_and_tokenizer("smollm2")
     models["bfloat16"].to(torch.bfloat16)
     targets = {k: make_target(m) for k, m in models.items()}
