@@ -121,19 +121,39 @@ def report(out: Path, meta: dict | None = None) -> None:
     print("\n".join(lines))
 
 
-def measure_steps(eager, compiled, widths, rounds: int = 5) -> dict:
-    """Median ms of one SmolLM2 target step over n tree tokens after 256 cached ones, eager and compiled,
-    round-robin (the tree shape of `cost.verify_seconds`)."""
+def measure_steps(targets: dict, widths, rounds: int = 5) -> dict:
+    """Median ms of one SmolLM2 target step over n tree tokens after 256 cached ones, for each named target (eager
+    and compiled; fp32 and bf16 in verify_dtype.py), round-robin so noise hits all alike (the tree shape of
+    `cost.verify_seconds`). Returns {name: {n: ms}}."""
     import statistics as st
 
     from leanlm.speculative.cost import verify_seconds
 
-    runs = {"eager": {n: [] for n in widths}, "compiled": {n: [] for n in widths}}
+    runs = {name: {n: [] for n in widths} for name in targets}
     for _ in range(rounds):
-        for name, tgt in (("eager", eager), ("compiled", compiled)):
+        for name, tgt in targets.items():
             for n, sec in verify_seconds(tgt, list(widths), context=256, repeats=3).items():
                 runs[name][n].append(1000 * sec)
     return {name: {n: st.median(v) for n, v in r.items()} for name, r in runs.items()}
+
+
+def plot_steps(path: Path, widths, series: dict, ylabel: str, title: str) -> None:
+    """A line per named series ({name: {n: value}}) over tree widths on a log2 axis, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in series.items():
+        ax.plot(list(widths), [values[n] for n in widths], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree tokens verified in one step (after 256 cached)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def step_costs(args, out: Path) -> int:
@@ -154,7 +174,7 @@ def step_costs(args, out: Path) -> int:
     t = time.perf_counter()
     verify_seconds(targets["compiled"], list(BUCKETS), context=256, repeats=1)  # compiles every width once
     compile_s = time.perf_counter() - t
-    ms = measure_steps(targets["eager"], targets["compiled"], BUCKETS)
+    ms = measure_steps(targets, BUCKETS)
     one = ms["compiled"][1]
     result = {"threads": args.threads, "context": 256, "compile_seconds_all_widths": compile_s, "ms": ms,
               "ratio_to_compiled_1_token": {k: {n: v / one for n, v in r.items()} for k, r in ms.items()}}
@@ -166,21 +186,7 @@ def step_costs(args, out: Path) -> int:
         lines.append(f"| {n} | {ms['eager'][n]:.1f} | {ms['compiled'][n]:.1f} | {ms['eager'][n] / one:.2f}x | "
                      f"{ms['compiled'][n] / one:.2f}x |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in ms:
-        ax.plot(list(BUCKETS), [ms[k][n] for n in BUCKETS], marker="o", label=k)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens verified in one step (after 256 cached)")
-    ax.set_ylabel("ms (median)")
-    ax.set_title("SmolLM2-135M target step, this CPU")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
+    plot_steps(path.with_suffix(".png"), BUCKETS, ms, "ms (median)", "SmolLM2-135M target step, this CPU")
     print("\n".join(lines))
     print(f"compile: {compile_s:.0f} s for {len(BUCKETS)} widths")
     return 0
@@ -263,7 +269,7 @@ def main() -> int:
         print(f"leanlm compile warm-up: {warmups['leanlm']:.0f} s "
               f"({compiled.compile_stats.seconds})", flush=True)
         if not rows_path.exists():  # first start: the step costs with the graphs just compiled
-            meta["step_ms"] = measure_steps(eager, compiled, BUCKETS[:5])
+            meta["step_ms"] = measure_steps({"eager": eager, "compiled": compiled}, BUCKETS[:5])
             print(f"step ms: {meta['step_ms']}", flush=True)
     hf_static = None
     if "hf_static_compiled" in methods:

@@ -2,7 +2,7 @@
 
     python benchmarks/verify_dtype.py --out docs/results/verify-dtype          # about 5 minutes, one thread
 
-Three measurements, fp32 against bf16, interleaved round by round so the machine's noise hits both alike:
+Three measurements, fp32 against bf16, round-robin over the two so the machine's noise hits both alike:
   gemm      SmolLM2-135M's linear layers (30 x q/k/v/o/gate/up/down, then the LM head) through `F.linear` over
             1..16 rows: what a tree's width costs the matrix products alone
   step      the whole eager target step over n tree tokens after 256 cached ones (`cost.verify_seconds`)
@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from decode_speed import measure_steps, plot_steps  # noqa: E402 - the same step timing and plot as decode_speed.py
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,7 +43,6 @@ def main() -> int:
 
     torch.set_num_threads(1)
     from leanlm.inference import load_model_and_tokenizer
-    from leanlm.speculative.cost import verify_seconds
     from leanlm.speculative.draft import EagleDraftHead
     from leanlm.speculative.engine import SpeculativeDecoder
     from leanlm.speculative.prompts import encode_chat, load_prompts
@@ -66,21 +67,18 @@ def main() -> int:
         return time.perf_counter() - t
 
     gemm = {k: {n: [] for n in widths[:5]} for k in dtypes}
-    models = {"float32": fp32_model}
-    models["bfloat16"], _ = load_model_and_tokenizer("smollm2")
-    models["bfloat16"].to(torch.bfloat16)
-    targets = {k: make_target(m) for k, m in models.items()}
-    step = {k: {n: [] for n in widths} for k in dtypes}
     for _ in range(args.rounds):
         for k in dtypes:
             for n in gemm[k]:
                 gemm_seconds(k, n)  # warm-up
                 gemm[k][n].append(gemm_seconds(k, n))
-            for n, sec in verify_seconds(targets[k], widths, context=256, repeats=3).items():
-                step[k][n].append(sec)
-    med = lambda d: {k: {n: 1000 * statistics.median(v) for n, v in r.items()} for k, r in d.items()}  # noqa: E731
-    gemm_ms, step_ms = med(gemm), med(step)
-    weights.clear()  # free the GEMM probe's weights before decoding
+    gemm_ms = {k: {n: 1000 * statistics.median(v) for n, v in r.items()} for k, r in gemm.items()}
+    weights.clear()  # free the GEMM probe's weights before the models
+    models = {"float32": fp32_model}
+    models["bfloat16"], _ = load_model_and_tokenizer("smollm2")
+    models["bfloat16"].to(torch.bfloat16)
+    targets = {k: make_target(m) for k, m in models.items()}
+    step_ms = measure_steps(targets, widths, args.rounds)
 
     prompts = [encode_chat(tok, q) for q in load_prompts("mtbench", args.prompts)]
     eos = tok.eos_token_id
@@ -129,21 +127,8 @@ def main() -> int:
             f"{identity[k][s]}/{len(prompts)} | {result['speculative_vs_plain_same_dtype'][k][s]:.2f}x"
             for s in strategies) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in dtypes:
-        ax.plot(widths, [step_ms[k][n] / step_ms[k][1] for n in widths], marker="o", label=k)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tree tokens verified in one step (after 256 cached)")
-    ax.set_ylabel("step time / 1-token step (same dtype)")
-    ax.set_title("SmolLM2-135M eager target step, one CPU thread")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plot_steps(out.with_suffix(".png"), widths, {k: {n: v[n] / v[1] for n in widths} for k, v in step_ms.items()},
+               "step time / 1-token step (same dtype)", "SmolLM2-135M eager target step, one CPU thread")
     print("\n".join(lines))
     return 0
 
